@@ -1,0 +1,34 @@
+"""lmfusion-jax: LMFusion (arXiv 2412.15188) in JAX/Flax NNX, TPU-first."""
+from setuptools import find_packages, setup
+
+setup(
+    name="lmfusion-jax",
+    version="0.1.0",
+    description="Turn a frozen Llama-3 into a text+image model (LMFusion) with JAX/Flax on TPU pods.",
+    packages=find_packages(include=["lmfusion_jax", "lmfusion_jax.*", "configs"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "grain==0.2.18",
+        "transformers>=5",
+        "tokenizers",
+        "safetensors",
+        "ml-collections",
+        "tensorflow-datasets==4.9.10",
+        "array_record",
+        "etils[epath]",
+        "numpy",
+        "pillow",
+        "scikit-learn",
+        "tensorboardX",
+    ],
+    extras_require={
+        "test": ["pytest", "pytest-timeout", "torch==2.13.0", "diffusers", "scikit-learn"],
+        "tpu": ["jax[tpu]==0.10.2"],
+    },
+    entry_points={"console_scripts": ["lmfusion-jax=lmfusion_jax.cli:main"]},
+)
