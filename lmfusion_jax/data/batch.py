@@ -1,0 +1,59 @@
+"""The packed batch: the contract between the data pipeline and the model.
+
+Each row is one packed sequence of one or more documents (examples). Rows are stored modality-sorted:
+text slots and image slots live in separate arrays; the order tokens had in the document is given by
+`*_positions`, never by array order. Every image occupies `tokens_per_image` consecutive positions
+starting at `image_positions`. A row has a fixed text length T and a fixed number of image slots I.
+
+  tokens             int32   [B, T]           text token ids (0 in padding slots)
+  text_positions     int32   [B, T]           position of the token inside its document (0-based)
+  text_segment_ids   int32   [B, T]           document number inside the row, 1-based; 0 = padding
+  targets            int32   [B, T]           the next TEXT token of the same document (0 if none)
+  loss_mask          float32 [B, T]           1.0 where `targets` is a real LM target, else 0.0
+                                              (0 for BOI: the token after BOI is an image; 0 for the last
+                                              token before an image is never needed: it predicts BOI)
+  latents            float32 [B, I, H, W, C]  clean image latents (zeros in empty slots)
+  image_positions    int32   [B, I]           position of the image's first token inside its document
+  image_segment_ids  int32   [B, I]           document number of the image; 0 = empty slot
+  image_first        bool    [B, I]           the image came before its caption (understanding example);
+                                              training caps its noise level (t <= 500 by default)
+
+A document is laid out (positions increasing) as
+  caption first:  BOS caption... BOI <tokens_per_image image tokens> EOI EOS
+  image first:    BOS BOI <image tokens> EOI caption... EOS
+with the caption dropped (empty) for classifier-free guidance training.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+TEXT_KEYS = ("tokens", "text_positions", "text_segment_ids", "targets", "loss_mask")
+IMAGE_KEYS = ("latents", "image_positions", "image_segment_ids", "image_first")
+KEYS = TEXT_KEYS + IMAGE_KEYS
+
+
+class BatchError(ValueError):
+  """A batch violates the packed-batch contract; the message names the field."""
+
+
+def check_batch(batch: dict, text_len: int | None = None, image_slots: int | None = None) -> None:
+  """Validates shapes and dtypes of a host (numpy) batch; raises BatchError naming the field."""
+  missing = [k for k in KEYS if k not in batch]
+  if missing:
+    raise BatchError(f"batch is missing field(s) {missing}")
+  b, t = np.shape(batch["tokens"])
+  for k in TEXT_KEYS:
+    if np.shape(batch[k]) != (b, t):
+      raise BatchError(f"batch field {k!r} has shape {np.shape(batch[k])}, expected {(b, t)}")
+  lat = np.shape(batch["latents"])
+  if len(lat) != 5 or lat[0] != b:
+    raise BatchError(f"batch field 'latents' has shape {lat}, expected [batch={b}, slots, H, W, C]")
+  for k in IMAGE_KEYS[1:]:
+    if np.shape(batch[k]) != lat[:2]:
+      raise BatchError(f"batch field {k!r} has shape {np.shape(batch[k])}, expected {lat[:2]}")
+  if text_len is not None and t != text_len:
+    raise BatchError(f"batch field 'tokens' has length {t}, config says {text_len}")
+  if image_slots is not None and lat[1] != image_slots:
+    raise BatchError(f"batch field 'latents' has {lat[1]} image slots, config says {image_slots}")
+  if not np.all(np.isfinite(batch["latents"])):
+    raise BatchError("batch field 'latents' contains NaN or Inf")
