@@ -1,0 +1,52 @@
+"""The `lmfusion-jax` command: one subcommand per job.
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; modules are
+imported only when their subcommand runs, so `lmfusion-jax --help` is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+}
+
+
+class UserError(Exception):
+  """An error caused by the user's input; printed without a traceback, exit code 2."""
+
+
+def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="lmfusion-jax",
+      description="LMFusion in JAX: convert Llama-3 checkpoints, train the image side with the text side "
+                  "frozen, sample, caption and evaluate from sharded checkpoints.")
+  sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+  for name, (module, help_text) in COMMANDS.items():
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    if name == argv_command:
+      importlib.import_module(module).add_arguments(p)
+  return parser
+
+
+def main(argv=None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  command = next((a for a in argv if not a.startswith("-")), None)
+  parser = build_parser(command if command in COMMANDS else None)
+  args = parser.parse_args(argv)
+  if not args.command:
+    parser.print_help()
+    return 2
+  module = importlib.import_module(COMMANDS[args.command][0])
+  try:
+    return int(module.run(args) or 0)
+  except (UserError, ValueError, FileNotFoundError) as e:
+    # ValueError subclasses carry our input errors (ConfigError, BatchError, ConversionError, ...).
+    print(f"lmfusion-jax {args.command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())
