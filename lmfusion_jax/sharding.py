@@ -25,6 +25,8 @@ LOGICAL_RULES: dict = {
     "mlp": "tensor",
     "layers": None,
     "norm": None,
+    "conv_h": None,
+    "conv_w": None,
     "conv_in": None,
     "conv_out": "tensor",
     "patch": None,

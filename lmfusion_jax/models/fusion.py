@@ -1,0 +1,114 @@
+"""LMFusion: a Llama text tower (`text`, frozen in the main recipe) plus an image branch (`image`).
+
+Parameter tree (two top-level branches, nothing else):
+  text:  exactly the Llama tree (see llama.py)
+  image: layers/{...}  per-layer image copies; which ones depends on the separation mode:
+                       deep = attn_norm, q, k, v, o, ffn_norm, gate, up, down; shallow = ffn_norm + FFN;
+                       none = nothing (image tokens use the text weights)
+         final_norm    image-path final RMSNorm (a copy of the text one)
+         io/...        U-Net (or linear patchify) in/out modules with the timestep embedding
+
+Forward: text tokens -> Llama embedding; noisy latents -> io.encode -> image tokens; both go through the
+routed decoder (decoder.decoder_stack) as [image | text]; text -> final norm + LM head -> logits; image ->
+image final norm -> io.decode -> predicted noise.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmfusion_jax.models import decoder
+from lmfusion_jax.models.attention import TokenInfo
+from lmfusion_jax.models.config import FusionConfig, LlamaConfig
+from lmfusion_jax.models.image_io import make_image_io
+from lmfusion_jax.models.layers import rms_norm
+from lmfusion_jax.models.llama import LayerStack, Llama
+from lmfusion_jax.models.params import ones, param
+
+
+class ImageBranch(nnx.Module):
+  def __init__(self, lcfg: LlamaConfig, fcfg: FusionConfig, *, rngs: nnx.Rngs):
+    keys = decoder.IMAGE_LAYER_KEYS[fcfg.separation]
+    self.layers = LayerStack(lcfg, keys, rngs=rngs)
+    self.final_norm = param(ones((lcfg.dim,), lcfg.jnp_param_dtype), ("norm",))
+    self.io = make_image_io(lcfg, fcfg, rngs=rngs)
+
+
+def image_token_info(image_positions, image_segment_ids, tokens_per_image: int) -> TokenInfo:
+  """Per-token info of all image slots: [batch, slots] -> TokenInfo of [batch, slots * tokens_per_image]."""
+  b, n_slots = image_positions.shape
+  offs = jnp.arange(tokens_per_image, dtype=jnp.int32)
+  pos = (image_positions[:, :, None] + offs).reshape(b, -1)
+  seg = jnp.repeat(image_segment_ids, tokens_per_image, axis=1)
+  ids = jnp.repeat(jnp.broadcast_to(jnp.arange(n_slots, dtype=jnp.int32), (b, n_slots)), tokens_per_image, axis=1)
+  return TokenInfo(pos.astype(jnp.int32), seg.astype(jnp.int32), ids)
+
+
+class LMFusion(nnx.Module):
+  def __init__(self, lcfg: LlamaConfig, fcfg: FusionConfig, *, rngs: nnx.Rngs):
+    self.lcfg, self.fcfg = lcfg, fcfg
+    self.text = Llama(lcfg, rngs=rngs)
+    self.image = ImageBranch(lcfg, fcfg, rngs=rngs)
+    if fcfg.image_init == "copy":
+      copy_text_into_image(self)
+
+  def __call__(self, tokens, text_positions, text_segment_ids, noisy_latents, timesteps,
+               image_positions, image_segment_ids, cache: Optional[decoder.KVCache] = None,
+               attention_impl: str = "xla"):
+    """Routed forward over a packed batch (see data/batch.py).
+
+    tokens/text_positions/text_segment_ids [B, T]; noisy_latents [B, I, H, W, C]; timesteps [B, I];
+    image_positions/image_segment_ids [B, I]. T or I may be 0.
+    Returns (text logits fp32 [B, T, V], predicted noise fp32 [B, I, H, W, C], (k, v) [L, B, I*N + T, ...]).
+    """
+    lcfg, fcfg = self.lcfg, self.fcfg
+    dtype = lcfg.jnp_dtype
+    b, t_len = tokens.shape
+    n_slots = noisy_latents.shape[1]
+    n_tok = fcfg.tokens_per_image
+    info_txt = TokenInfo(text_positions, text_segment_ids, jnp.full((b, t_len), -1, jnp.int32))
+    x_txt = self.text.embed_tokens(tokens)
+    x_img, info_img, skips, temb = None, None, None, None
+    if n_slots:
+      lat = noisy_latents.reshape((b * n_slots,) + noisy_latents.shape[2:])
+      img_tok, skips, temb = self.image.io.encode(lat, timesteps.reshape(-1), dtype)  # [B*I, N, D]
+      x_img = img_tok.reshape(b, n_slots * n_tok, -1).astype(dtype)
+      info_img = image_token_info(image_positions, image_segment_ids, n_tok)
+    x_img, x_txt, kv = decoder.decoder_stack(
+        lcfg, fcfg.separation, self.text.layers.arrays(), self.image.layers.arrays(), x_img, x_txt,
+        info_img, info_txt, cache, attention_impl)
+    logits = self.text.logits(x_txt)
+    if n_slots:
+      h = rms_norm(x_img, self.image.final_norm[...], lcfg.norm_eps).reshape(b * n_slots, n_tok, -1)
+      eps = self.image.io.decode(h, skips, temb).reshape(noisy_latents.shape)
+    else:
+      eps = jnp.zeros(noisy_latents.shape, jnp.float32)
+    return logits, eps, kv
+
+
+def copy_text_into_image(model: LMFusion) -> None:
+  """Image layer weights and final norm start as copies of the text weights (LMFusion init)."""
+  for k, v in model.image.layers.arrays().items():
+    getattr(model.image.layers, k)[...] = jnp.array(model.text.layers.arrays()[k], copy=True)
+  model.image.final_norm[...] = jnp.array(model.text.final_norm[...], copy=True)
+
+
+def abstract_model(lcfg: LlamaConfig, fcfg: FusionConfig) -> LMFusion:
+  """The model with ShapeDtypeStruct leaves (no memory), for shardings and restore targets."""
+  return nnx.eval_shape(lambda: LMFusion(lcfg, fcfg.replace(image_init="random"), rngs=nnx.Rngs(0)))
+
+
+def init_image_params(lcfg: LlamaConfig, fcfg: FusionConfig, text_params: dict, seed: int = 0) -> dict:
+  """Pure-dict `image` branch for given `text` params: copies of the text layers (or random ones when
+  fcfg.image_init == "random") and a fresh io module. Does not build a second text tower."""
+  rngs = nnx.Rngs(seed)
+  keys = decoder.IMAGE_LAYER_KEYS[fcfg.separation]
+  if fcfg.image_init == "copy":
+    layers = {k: jnp.array(text_params["layers"][k], copy=True) for k in keys}
+  else:
+    layers = nnx.to_pure_dict(nnx.state(LayerStack(lcfg, keys, rngs=rngs)))
+  io = nnx.to_pure_dict(nnx.state(make_image_io(lcfg, fcfg, rngs=rngs)))
+  return {"layers": layers, "final_norm": jnp.array(text_params["final_norm"], copy=True), "io": io}

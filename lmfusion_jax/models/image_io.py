@@ -1,0 +1,205 @@
+"""Image in/out modules: latents <-> image tokens, with the diffusion timestep as input.
+
+Two choices (FusionConfig.image_io):
+  unet:   a small U-Net downsampler (ResBlocks with an added timestep embedding, GroupNorm, one 2x
+          downsample per extra level) maps latents [n, H, W, C] to tokens [n, (H/p)*(W/p), embed] and keeps
+          its per-level features; the upsampler takes the transformer's output tokens plus those skip
+          features and predicts the noise eps [n, H, W, C]. (LMFusion / Transfusion.)
+  linear: linear patchify (p x p patches -> embed) plus a timestep embedding added to every patch, and a
+          linear unpatchify. (Transfusion's cheaper variant.)
+Tokens are in row-major patch order. Everything runs in the model's compute dtype; GroupNorm in fp32.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lmfusion_jax.models.config import FusionConfig, LlamaConfig
+from lmfusion_jax.models.params import param, zeros
+
+
+def _fan_in_normal(rngs, shape, fan_in, dtype):
+  return (jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
+
+
+class Dense(nnx.Module):
+  def __init__(self, d_in, d_out, names, dtype, *, rngs, zero_init=False):
+    w = zeros((d_in, d_out), dtype) if zero_init else _fan_in_normal(rngs, (d_in, d_out), d_in, dtype)
+    self.kernel = param(w, names)
+    self.bias = param(zeros((d_out,), dtype), (names[1],))
+
+  def __call__(self, x):
+    return jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype)) + self.bias[...].astype(x.dtype)
+
+
+class Conv(nnx.Module):
+  """2-D convolution, NHWC, 'SAME' padding; stride 2 halves H and W."""
+
+  def __init__(self, c_in, c_out, dtype, *, rngs, kernel=3, stride=1, zero_init=False):
+    shape = (kernel, kernel, c_in, c_out)
+    w = zeros(shape, dtype) if zero_init else _fan_in_normal(rngs, shape, kernel * kernel * c_in, dtype)
+    self.kernel = param(w, ("conv_h", "conv_w", "conv_in", "conv_out"))
+    self.bias = param(zeros((c_out,), dtype), ("conv_out",))
+    self.stride = stride
+
+  def __call__(self, x):
+    y = jax.lax.conv_general_dilated(x, self.kernel[...].astype(x.dtype), (self.stride, self.stride),
+                                     "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + self.bias[...].astype(x.dtype)
+
+
+class GroupNorm(nnx.Module):
+  def __init__(self, channels, groups, dtype):
+    g = math.gcd(groups, channels)
+    self.groups = g
+    self.scale = param(jnp.ones((channels,), dtype), ("norm",))
+    self.bias = param(zeros((channels,), dtype), ("norm",))
+
+  def __call__(self, x):
+    n, h, w, c = x.shape
+    xf = x.astype(jnp.float32).reshape(n, h, w, self.groups, c // self.groups)
+    mean = xf.mean(axis=(1, 2, 4), keepdims=True)
+    var = xf.var(axis=(1, 2, 4), keepdims=True)
+    xf = ((xf - mean) * jax.lax.rsqrt(var + 1e-6)).reshape(n, h, w, c)
+    return (xf * self.scale[...] + self.bias[...]).astype(x.dtype)
+
+
+def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of integer timesteps [n] -> fp32 [n, dim]."""
+  half = dim // 2
+  freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
+  args = t.astype(jnp.float32)[:, None] * freqs[None]
+  return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimeEmbedding(nnx.Module):
+  def __init__(self, dim, dtype, *, rngs):
+    self.dim = dim
+    self.fc1 = Dense(dim, dim, ("time", "time"), dtype, rngs=rngs)
+    self.fc2 = Dense(dim, dim, ("time", "time"), dtype, rngs=rngs)
+
+  def __call__(self, t, dtype):
+    return self.fc2(jax.nn.silu(self.fc1(timestep_embedding(t, self.dim).astype(dtype))))
+
+
+class ResBlock(nnx.Module):
+  def __init__(self, c_in, c_out, t_dim, groups, dtype, *, rngs):
+    self.norm1 = GroupNorm(c_in, groups, dtype)
+    self.conv1 = Conv(c_in, c_out, dtype, rngs=rngs)
+    self.time = Dense(t_dim, c_out, ("time", "conv_out"), dtype, rngs=rngs)
+    self.norm2 = GroupNorm(c_out, groups, dtype)
+    self.conv2 = Conv(c_out, c_out, dtype, rngs=rngs)
+    self.skip = Conv(c_in, c_out, dtype, rngs=rngs, kernel=1) if c_in != c_out else None
+
+  def __call__(self, x, temb):
+    h = self.conv1(jax.nn.silu(self.norm1(x)))
+    h = h + self.time(jax.nn.silu(temb))[:, None, None, :]
+    h = self.conv2(jax.nn.silu(self.norm2(h)))
+    return h + (self.skip(x) if self.skip is not None else x)
+
+
+class UNetIO(nnx.Module):
+  """U-Net down (latents -> tokens, skips) and up (tokens, skips -> eps)."""
+
+  def __init__(self, lcfg: LlamaConfig, fcfg: FusionConfig, *, rngs: nnx.Rngs):
+    dtype = lcfg.jnp_param_dtype
+    ch, nb, g, td = fcfg.unet_channels, fcfg.unet_blocks, fcfg.unet_groups, fcfg.time_embed_dim
+    self.time_embed = TimeEmbedding(td, dtype, rngs=rngs)
+    self.conv_in = Conv(fcfg.latent_channels, ch[0], dtype, rngs=rngs)
+    down, downsample = [], []
+    c = ch[0]
+    for lvl, width in enumerate(ch):
+      blocks = []
+      for _ in range(nb):
+        blocks.append(ResBlock(c, width, td, g, dtype, rngs=rngs))
+        c = width
+      down.append(nnx.List(blocks))
+      if lvl < len(ch) - 1:
+        downsample.append(Conv(c, c, dtype, rngs=rngs, stride=2))
+    self.down = nnx.List(down)
+    self.downsample = nnx.List(downsample)
+    self.to_tokens_norm = GroupNorm(c, g, dtype)
+    self.to_tokens = Dense(c, lcfg.dim, ("conv_in", "embed"), dtype, rngs=rngs)
+    self.from_tokens = Dense(lcfg.dim, c, ("embed", "conv_out"), dtype, rngs=rngs)
+    up, upsample = [], []
+    for lvl in reversed(range(len(ch))):
+      width = ch[lvl]
+      blocks = []
+      for j in range(nb):
+        blocks.append(ResBlock(c + (width if j == 0 else 0), width, td, g, dtype, rngs=rngs))
+        c = width
+      up.append(nnx.List(blocks))
+      if lvl > 0:
+        upsample.append(Conv(c, ch[lvl - 1], dtype, rngs=rngs))
+        c = ch[lvl - 1]
+    self.up = nnx.List(up)
+    self.upsample = nnx.List(upsample)
+    self.out_norm = GroupNorm(c, g, dtype)
+    self.conv_out = Conv(c, fcfg.latent_channels, dtype, rngs=rngs, zero_init=True)
+
+  def encode(self, latents, t, dtype):
+    """latents [n, H, W, C], t [n] -> (tokens [n, h*w, embed], skips, temb)."""
+    temb = self.time_embed(t, dtype)
+    x = self.conv_in(latents.astype(dtype))
+    skips = []
+    for lvl, blocks in enumerate(self.down):
+      for blk in blocks:
+        x = blk(x, temb)
+      skips.append(x)
+      if lvl < len(self.downsample):
+        x = self.downsample[lvl](x)
+    n, h, w, c = x.shape
+    tokens = self.to_tokens(jax.nn.silu(self.to_tokens_norm(x))).reshape(n, h * w, -1)
+    return tokens, skips, temb
+
+  def decode(self, hidden, skips, temb):
+    """hidden [n, h*w, embed] -> eps [n, H, W, C] (fp32)."""
+    n, hw, _ = hidden.shape
+    side = int(round(math.sqrt(hw)))
+    x = self.from_tokens(hidden).reshape(n, side, side, -1)
+    for i, blocks in enumerate(self.up):
+      lvl = len(self.up) - 1 - i
+      x = jnp.concatenate([x, skips[lvl].astype(x.dtype)], axis=-1)
+      for blk in blocks:
+        x = blk(x, temb)
+      if i < len(self.upsample):
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        x = self.upsample[i](x)
+    return self.conv_out(jax.nn.silu(self.out_norm(x))).astype(jnp.float32)
+
+
+class LinearIO(nnx.Module):
+  """Linear patchify/unpatchify with an added timestep embedding."""
+
+  def __init__(self, lcfg: LlamaConfig, fcfg: FusionConfig, *, rngs: nnx.Rngs):
+    dtype = lcfg.jnp_param_dtype
+    self.p = fcfg.patch_size
+    pdim = self.p * self.p * fcfg.latent_channels
+    self.time_embed = TimeEmbedding(fcfg.time_embed_dim, dtype, rngs=rngs)
+    self.time_to_embed = Dense(fcfg.time_embed_dim, lcfg.dim, ("time", "embed"), dtype, rngs=rngs)
+    self.patchify = Dense(pdim, lcfg.dim, ("patch", "embed"), dtype, rngs=rngs)
+    self.unpatchify = Dense(lcfg.dim, pdim, ("embed", "patch"), dtype, rngs=rngs, zero_init=True)
+
+  def encode(self, latents, t, dtype):
+    n, hh, ww, c = latents.shape
+    p = self.p
+    x = latents.astype(dtype).reshape(n, hh // p, p, ww // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    x = x.reshape(n, (hh // p) * (ww // p), p * p * c)
+    temb = self.time_embed(t, dtype)
+    tokens = self.patchify(x) + self.time_to_embed(jax.nn.silu(temb))[:, None, :]
+    return tokens, (hh, ww, c), temb
+
+  def decode(self, hidden, shape, temb):
+    del temb
+    hh, ww, c = shape
+    p = self.p
+    n = hidden.shape[0]
+    x = self.unpatchify(hidden).reshape(n, hh // p, ww // p, p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(n, hh, ww, c).astype(jnp.float32)
+
+
+def make_image_io(lcfg: LlamaConfig, fcfg: FusionConfig, *, rngs: nnx.Rngs):
+  return UNetIO(lcfg, fcfg, rngs=rngs) if fcfg.image_io == "unet" else LinearIO(lcfg, fcfg, rngs=rngs)
