@@ -24,6 +24,7 @@ setup(
         "numpy",
         "pillow",
         "scikit-learn",
+        "scipy",
         "tensorboardX",
     ],
     extras_require={
