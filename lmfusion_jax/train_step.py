@@ -1,0 +1,145 @@
+"""The jitted, sharded train step over pure pytrees.
+
+Train state (a plain dict, which is also what checkpoints hold):
+  params     {"text": ..., "image": ...}
+  opt_state  optax state over the TRAINABLE branches only (image only when the text is frozen)
+  step       int32 scalar
+  rng        uint32 key data; the step's randomness is fold_in(rng, step), so a resumed run draws exactly
+             the noise and timesteps an uninterrupted run draws.
+Gradients are taken with respect to the trainable branches only: with eta_text = 0 no text weight gradient
+is ever computed and no optimizer state exists for the text weights.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from lmfusion_jax import diffusion, losses, sharding
+from lmfusion_jax.data import batch as batch_lib
+from lmfusion_jax.models import sharded
+from lmfusion_jax.models.config import FusionConfig, LlamaConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class StepSpec:
+  lcfg: LlamaConfig
+  fcfg: FusionConfig
+  dcfg: diffusion.DiffusionConfig
+  trainable: tuple            # ("image",) or ("text", "image")
+  accum_steps: int = 1
+
+
+def split_params(params: dict, trainable: tuple):
+  return ({b: params[b] for b in trainable}, {b: v for b, v in params.items() if b not in trainable})
+
+
+def make_loss_fn(spec: StepSpec) -> Callable:
+  graphdef, abstract = sharded.graphdef_and_abstract_state(spec.lcfg, spec.fcfg)
+  schedule = diffusion.make_schedule(spec.dcfg)
+
+  def loss_fn(trainable, frozen, batch, rng, timesteps=None):
+    model = sharded.merge(graphdef, abstract, {**frozen, **trainable})
+    return losses.fusion_loss(model, batch, rng, schedule, spec.dcfg, timesteps)
+
+  return loss_fn
+
+
+def _microbatches(batch: dict, k: int) -> dict:
+  def split(x):
+    if x.shape[0] % k:
+      raise batch_lib.BatchError(f"global batch {x.shape[0]} is not divisible by accum_steps={k}")
+    return x.reshape((k, x.shape[0] // k) + x.shape[1:])
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(spec: StepSpec, tx: optax.GradientTransformation,
+                    lr_fns: dict | None = None) -> Callable:
+  loss_fn = make_loss_fn(spec)
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def train_step(state: dict, batch: dict):
+    trainable, frozen = split_params(state["params"], spec.trainable)
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    if spec.accum_steps == 1:
+      (_, metrics), grads = grad_fn(trainable, frozen, batch, rng)
+    else:
+      micro = _microbatches(batch, spec.accum_steps)
+
+      def body(acc, xs):
+        mb, i = xs
+        (_, m), g = grad_fn(trainable, frozen, mb, jax.random.fold_in(rng, i))
+        return jax.tree.map(jnp.add, acc, (g, m)), None
+
+      zeros = jax.tree.map(jnp.zeros_like, trainable)
+      m0 = jax.eval_shape(lambda: grad_fn(trainable, frozen, jax.tree.map(lambda x: x[0], micro), rng)[0][1])
+      m0 = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), m0)
+      (grads, metrics), _ = jax.lax.scan(body, (zeros, m0), (micro, jnp.arange(spec.accum_steps)))
+      grads = jax.tree.map(lambda g: g / spec.accum_steps, grads)
+      metrics = {k: (v if k in ("text_tokens", "images", "text_nll_sum") else v / spec.accum_steps)
+                 for k, v in metrics.items()}
+    updates, opt_state = tx.update(grads, state["opt_state"], trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    if lr_fns:
+      for b, fn in lr_fns.items():
+        metrics[f"lr_{b}"] = fn(state["step"])
+    new_state = {"params": {**frozen, **trainable}, "opt_state": opt_state, "step": state["step"] + 1,
+                 "rng": state["rng"]}
+    return new_state, metrics
+
+  return train_step
+
+
+def init_opt_state(tx, params: dict, trainable: tuple):
+  return tx.init({b: params[b] for b in trainable})
+
+
+def state_shardings(spec: StepSpec, tx, mesh: Mesh) -> dict:
+  """NamedShardings for the whole train state, derived without allocating anything: parameter shardings
+  from the logical rules; optimizer-state shardings by compiling tx.init on the abstract parameters."""
+  param_sh = sharded.model_shardings(spec.lcfg, spec.fcfg, mesh)
+  abstract = sharded.abstract_params(spec.lcfg, spec.fcfg, mesh)
+  trainable = {b: abstract[b] for b in spec.trainable}
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(tx.init, in_shardings=({b: param_sh[b] for b in spec.trainable},)).lower(
+        trainable).compile()
+  opt_sh = compiled.output_shardings
+  replicated = NamedSharding(mesh, P())
+  return {"params": param_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
+
+
+def abstract_state(spec: StepSpec, tx, mesh: Mesh) -> dict:
+  """ShapeDtypeStructs with shardings for the whole train state: the restore target on the current mesh."""
+  shard = state_shardings(spec, tx, mesh)
+  params = sharded.abstract_params(spec.lcfg, spec.fcfg)
+  opt = jax.eval_shape(lambda p: init_opt_state(tx, p, spec.trainable), params)
+  shapes = {"params": params, "opt_state": opt, "step": jax.ShapeDtypeStruct((), jnp.int32),
+            "rng": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+  return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shard)
+
+
+def batch_shardings(mesh: Mesh, example_batch: dict) -> dict:
+  return {k: sharding.batch_sharding(mesh, jnp.ndim(v)) for k, v in example_batch.items()}
+
+
+def jit_train_step(spec: StepSpec, tx, mesh: Mesh, example_batch: dict, lr_fns=None):
+  """jax.jit of the step with explicit in/out shardings and the state donated."""
+  st_sh = state_shardings(spec, tx, mesh)
+  b_sh = batch_shardings(mesh, example_batch)
+  return jax.jit(make_train_step(spec, tx, lr_fns), in_shardings=(st_sh, b_sh),
+                 out_shardings=(st_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
+
+
+def new_state(spec: StepSpec, tx, params: dict, seed: int, mesh: Mesh) -> dict:
+  """A fresh train state around given (sharded) params."""
+  st_sh = state_shardings(spec, tx, mesh)
+  with jax.set_mesh(mesh):
+    opt = jax.jit(lambda p: init_opt_state(tx, p, spec.trainable), out_shardings=st_sh["opt_state"])(params)
+  rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), st_sh["rng"])
+  step = jax.device_put(jnp.zeros((), jnp.int32), st_sh["step"])
+  return {"params": params, "opt_state": opt, "step": step, "rng": rng}
