@@ -20,6 +20,7 @@ setup(
         "ml-collections",
         "tensorflow-datasets==4.9.10",
         "array_record",
+        "importlib_resources",
         "etils[epath]",
         "numpy",
         "pillow",

@@ -11,6 +11,13 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS = {
+    "train": ("lmfusion_jax.commands.train", "train LMFusion (image side; text frozen by default)"),
+    "convert-llama": ("lmfusion_jax.commands.convert_llama",
+                      "Hugging Face Llama safetensors -> params checkpoint (text + initialized image branch)"),
+    "export-llama": ("lmfusion_jax.commands.export_llama",
+                     "text branch of a params checkpoint -> Hugging Face Llama folder"),
+    "generate": ("lmfusion_jax.commands.generate_text",
+                 "generate text from a params checkpoint with a KV cache (greedy or top-p sampling)"),
 }
 
 
@@ -35,11 +42,17 @@ def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   command = next((a for a in argv if not a.startswith("-")), None)
   parser = build_parser(command if command in COMMANDS else None)
-  args = parser.parse_args(argv)
+  args, extra = parser.parse_known_args(argv)
   if not args.command:
     parser.print_help()
     return 2
   module = importlib.import_module(COMMANDS[args.command][0])
+  if extra and not getattr(module, "ACCEPTS_CONFIG_OVERRIDES", False):
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
+  bad = [a for a in extra if not a.startswith("--config.")]
+  if bad:
+    parser.error(f"unrecognized arguments: {' '.join(bad)} (config overrides look like --config.key=value)")
+  args.overrides = extra
   try:
     return int(module.run(args) or 0)
   except (UserError, ValueError, FileNotFoundError) as e:

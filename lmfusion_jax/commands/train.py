@@ -1,0 +1,36 @@
+"""`lmfusion-jax train`: train LMFusion (image side; text frozen unless optim.text_lr > 0)."""
+from __future__ import annotations
+
+import argparse
+import json
+
+ACCEPTS_CONFIG_OVERRIDES = True
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.formatter_class = argparse.RawDescriptionHelpFormatter
+  p.epilog = """examples:
+  lmfusion-jax train --config configs/tiny.py --config.workdir=/tmp/run \\
+      --config.data.tokenizer_dir=/tmp/tok --config.data.data_dir=/tmp/tfds
+  lmfusion-jax train --config configs/llama3_8b_lmfusion.py --config.workdir=gs://bucket/run \\
+      --config.init_from=gs://bucket/llama3-8b-converted --config.total_steps=100000
+
+Any config field can be overridden with --config.<field>=<value> (nested: --config.optim.image_lr=3e-4).
+The run resumes from the workdir's latest checkpoint when there is one."""
+  p.add_argument("--config", required=True,
+                 help="config file defining get_config(arg), e.g. configs/tiny.py or configs/tiny.py:synthetic")
+  p.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+
+
+def run(args) -> int:
+  from lmfusion_jax.config_cli import apply_overrides, load_config
+  from lmfusion_jax.train import NonFiniteLossError, train
+  cfg = apply_overrides(load_config(args.config), args.overrides)
+  try:
+    metrics = train(cfg)
+  except NonFiniteLossError as e:
+    print(f"lmfusion-jax train: {e}")
+    return 3
+  if args.json:
+    print(json.dumps(metrics, sort_keys=True))
+  return 0
