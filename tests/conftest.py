@@ -21,3 +21,38 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def num_devices():
   return len(jax.devices())
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+  """A small BPE tokenizer trained here on the digit captions (Llama-3-style special tokens)."""
+  from lmfusion_jax.data.tfds_digits import all_captions
+  from lmfusion_jax.data.tokenizer import train_tokenizer
+  out = tmp_path_factory.mktemp("tok") / "tokenizer"
+  texts = list(all_captions()) * 2 + ["the quick brown fox jumps over the lazy dog"] * 4
+  train_tokenizer(texts, 400, str(out))
+  return str(out)
+
+
+@pytest.fixture(scope="session")
+def digits_data_dir(tmp_path_factory):
+  """The embedded digits dataset built once (TFDS ArrayRecord, 8x8x1 latents)."""
+  from lmfusion_jax.data.build import build_dataset
+  out = tmp_path_factory.mktemp("tfds")
+  build_dataset("digits", str(out), image_size=8)
+  return str(out)
+
+
+@pytest.fixture
+def tiny_config(tokenizer_dir, digits_data_dir, tmp_path):
+  """configs/tiny.py pointed at the session tokenizer/data and a fresh workdir; short and quiet."""
+  from lmfusion_jax.config_cli import load_config
+  cfg = load_config("configs/tiny.py")
+  cfg.workdir = str(tmp_path / "run")
+  cfg.data.tokenizer_dir = tokenizer_dir
+  cfg.data.data_dir = digits_data_dir
+  cfg.tensorboard = False
+  cfg.total_steps = 6
+  cfg.log_every = 2
+  cfg.save_every = 3
+  return cfg

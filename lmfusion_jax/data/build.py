@@ -1,0 +1,30 @@
+"""`build_dataset(name, data_dir, **options)`: prepare a TFDS dataset (ArrayRecord) once.
+
+Idempotent: an already prepared dataset is left as is (image_captions additionally checks it was built
+from the same options). Atomic: TFDS writes every split into an `incomplete.*` folder and renames it
+when complete, so an interrupted build leaves no dataset behind. On a multi-host job run it on one
+host (or beforehand) into a shared `gs://` data dir; readers never build (except single-process digits).
+"""
+from __future__ import annotations
+
+
+def build_dataset(name: str, data_dir: str, **options):
+  """Prepares dataset `name` under `data_dir`; returns the (prepared) TFDS builder.
+
+  digits:          image_size in {8, 16, 32} (default 8).
+  image_captions:  see `lmfusion_jax.data.tfds_image_captions.build_image_captions` (source_dir,
+                   vae_dir, image_size, ...).
+  """
+  if name == "digits":
+    from lmfusion_jax.data.tfds_digits import digits_builder
+    image_size = options.pop("image_size", 8)
+    if options:
+      raise TypeError(f"build_dataset('digits'): unknown option(s) {sorted(options)} (have: image_size)")
+    builder = digits_builder(data_dir, image_size)
+    builder.download_and_prepare()
+    return builder
+  if name == "image_captions":
+    from lmfusion_jax.data.tfds_image_captions import build_image_captions
+    return build_image_captions(data_dir, **options)
+  raise ValueError(f"build_dataset: unknown dataset {name!r} (have 'digits', 'image_captions'; "
+                   f"'synthetic' needs no build)")
