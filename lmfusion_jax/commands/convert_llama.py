@@ -1,0 +1,139 @@
+"""`lmfusion-jax convert-llama`: a Hugging Face Llama folder -> a params checkpoint (text + image branch).
+
+  lmfusion-jax convert-llama --hf-dir Llama-3.2-1B --out gs://bucket/llama32_1b --boi-id 128002 --eoi-id 128003
+
+Reads the safetensors tensor by tensor and writes one parameter leaf at a time (host memory stays near the
+largest stacked leaf, not the model). Every tensor is checked against config.json before anything is
+written; on any error nothing is left at --out.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Callable, Optional, Union
+
+import numpy as np
+
+from lmfusion_jax import params_io
+from lmfusion_jax.convert import hf_llama
+from lmfusion_jax.models.config import IMAGE_IO, SEPARATIONS, ConfigError, FusionConfig, LlamaConfig
+
+DEFAULTS = FusionConfig()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--hf-dir", required=True,
+                 help="Hugging Face model folder: config.json plus model.safetensors, or shards with "
+                      "model.safetensors.index.json")
+  p.add_argument("--out", required=True, help="params checkpoint directory to create (local or gs://)")
+  p.add_argument("--dtype", choices=sorted(hf_llama.NUMPY_DTYPES), default=None,
+                 help="parameter dtype of the checkpoint (default: the dtype of the HF tensors)")
+  p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+  p.add_argument("--chunk-mib", type=int, default=64,
+                 help="store each array in chunks of at most this many MiB, so hosts restoring onto a "
+                      "sharded mesh read only their chunks; 0 = one chunk per array (least memory while "
+                      "converting) (default: %(default)s)")
+  p.add_argument("--text-only", action="store_true",
+                 help="write only the `text` branch (a plain Llama), no LMFusion image branch")
+  g = p.add_argument_group("image branch (LMFusion); ignored with --text-only")
+  g.add_argument("--separation", choices=SEPARATIONS, default=DEFAULTS.separation,
+                 help="which per-layer weights get an image copy: deep = norms+QKV+O+FFN, shallow = FFN, "
+                      "none = dense (default: %(default)s)")
+  g.add_argument("--image-init", choices=("copy", "random"), default=DEFAULTS.image_init,
+                 help="image layer weights start as copies of the text weights or random (default: %(default)s)")
+  g.add_argument("--image-io", choices=IMAGE_IO, default=DEFAULTS.image_io,
+                 help="image in/out modules: U-Net down/up sampler or linear patchify (default: %(default)s)")
+  g.add_argument("--latent-size", type=int, default=DEFAULTS.latent_size,
+                 help="VAE latent height = width (default: %(default)s)")
+  g.add_argument("--latent-channels", type=int, default=DEFAULTS.latent_channels,
+                 help="VAE latent channels (default: %(default)s)")
+  g.add_argument("--boi-id", type=int, default=DEFAULTS.boi_id,
+                 help="begin-of-image token id, an existing vocabulary id (default: %(default)s)")
+  g.add_argument("--eoi-id", type=int, default=DEFAULTS.eoi_id,
+                 help="end-of-image token id, an existing vocabulary id (default: %(default)s)")
+  g.add_argument("--seed", type=int, default=0, help="seed of the freshly initialized image modules")
+
+
+def fusion_config(args, cfg: LlamaConfig) -> FusionConfig:
+  fcfg = FusionConfig(separation=args.separation, image_init=args.image_init, image_io=args.image_io,
+                      latent_size=args.latent_size, latent_channels=args.latent_channels,
+                      boi_id=args.boi_id, eoi_id=args.eoi_id)
+  for flag, value in (("--boi-id", fcfg.boi_id), ("--eoi-id", fcfg.eoi_id)):
+    if not 0 <= value < cfg.vocab_size:
+      raise ConfigError(f"{flag}={value} is not a vocabulary id (vocab_size={cfg.vocab_size}); "
+                        f"pick an existing (e.g. reserved special) token, or pass --text-only")
+  if fcfg.boi_id == fcfg.eoi_id:
+    raise ConfigError(f"--boi-id and --eoi-id must differ (both {fcfg.boi_id})")
+  return fcfg
+
+
+def convert(hf_dir, out, *, dtype: Optional[str] = None,
+            fusion_cfg: Union[None, FusionConfig, Callable[[LlamaConfig], FusionConfig]] = None,
+            seed: int = 0, overwrite: bool = False, chunk_mib: int = 64) -> tuple:
+  """Converts and writes; returns (LlamaConfig, FusionConfig | None, number of parameters written).
+
+  `fusion_cfg` None writes the text branch only; a callable gets the checkpoint's LlamaConfig (to
+  validate ids against the vocabulary) before anything is written."""
+  ckpt = hf_llama.HFCheckpoint(hf_dir)
+  cfg = hf_llama.read_config(hf_dir)
+  hf_llama.validate(ckpt, cfg)
+  dtype = dtype or hf_llama.checkpoint_dtype(ckpt, cfg)
+  cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
+  if callable(fusion_cfg):
+    fusion_cfg = fusion_cfg(cfg)
+  image_layers = _image_layer_keys(fusion_cfg)
+  n = 0
+  with params_io.ParamsWriter(out, cfg, fusion_cfg, overwrite=overwrite,
+                              chunk_bytes=chunk_mib * 2**20 if chunk_mib > 0 else None) as w:
+    final_norm = None
+    for path, arr in hf_llama.iter_text_leaves(ckpt, cfg, dtype):
+      tree = {"text": hf_llama.nest({path: arr})}
+      name = path.split("/")[-1]
+      if fusion_cfg is not None and fusion_cfg.image_init == "copy" and path.startswith("layers/") \
+          and name in image_layers:
+        tree["image"] = {"layers": {name: arr}}  # the LMFusion init: an exact copy of the text weight
+      if path == "final_norm":
+        final_norm = arr
+      w.write(tree)
+      n += arr.size * (2 if "image" in tree else 1)
+      del tree, arr
+    if fusion_cfg is not None:
+      image = _image_rest(cfg, fusion_cfg, final_norm, seed)
+      w.write({"image": image})
+      n += params_io.count_params(image)
+  return cfg, fusion_cfg, n
+
+
+def _image_layer_keys(fusion_cfg):
+  if fusion_cfg is None:
+    return ()
+  from lmfusion_jax.models import decoder
+  return decoder.IMAGE_LAYER_KEYS[fusion_cfg.separation]
+
+
+def _image_rest(cfg, fusion_cfg, final_norm, seed):
+  """The image branch minus the layer copies already written: final norm copy and fresh in/out modules.
+  With image_init="copy" the layers were streamed; `init_image_params` then only needs the final norm
+  (separation="none" asks it for no layer copies). With "random" it draws the layers too."""
+  import jax
+  from lmfusion_jax.models import fusion
+  text_stub = {"layers": {}, "final_norm": final_norm}
+  if fusion_cfg.image_init == "copy":
+    image = fusion.init_image_params(cfg, fusion_cfg.replace(separation="none"), text_stub, seed)
+    image.pop("layers")
+  else:
+    image = fusion.init_image_params(cfg, fusion_cfg, text_stub, seed)
+    if not image["layers"]:
+      image.pop("layers")
+  return jax.tree.map(np.asarray, image)
+
+
+def run(args) -> int:
+  t0 = time.time()
+  fusion_from_args = None if args.text_only else (lambda cfg: fusion_config(args, cfg))
+  cfg, fcfg, n = convert(args.hf_dir, args.out, dtype=args.dtype, fusion_cfg=fusion_from_args, seed=args.seed,
+                         overwrite=args.overwrite, chunk_mib=args.chunk_mib)
+  branches = "text" if fcfg is None else f"text + image ({fcfg.separation}, {fcfg.image_io})"
+  print(f"wrote {args.out}: {branches}, {n / 1e6:.2f}M parameters in {cfg.param_dtype} "
+        f"({cfg.n_layers} layers, dim {cfg.dim}) in {time.time() - t0:.1f}s")
+  return 0

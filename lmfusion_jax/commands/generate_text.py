@@ -1,0 +1,73 @@
+"""`lmfusion-jax generate`: text generation from a params checkpoint with a KV cache.
+
+  lmfusion-jax generate --checkpoint ckpt --tokenizer tok_dir --prompt "The capital of France is" \
+      --max-new-tokens 32 [--temperature 0.8 --top-p 0.95] [--json]
+
+Greedy by default. Several --prompt flags run as one left-padded batch. --json prints one line per prompt:
+{"prompt_tokens": [...], "tokens": [new token ids], "text": "decoded new tokens"}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from etils import epath
+
+from lmfusion_jax import generate, params_io
+from lmfusion_jax.models.config import ConfigError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--checkpoint", required=True, help="params checkpoint directory (uses its `text` branch)")
+  p.add_argument("--tokenizer", required=True,
+                 help="local Hugging Face tokenizer folder (loaded with transformers.AutoTokenizer)")
+  p.add_argument("--prompt", required=True, action="append",
+                 help="prompt text; repeat the flag for a batch of prompts")
+  p.add_argument("--max-new-tokens", type=int, default=64, help="new tokens per prompt (default: %(default)s)")
+  p.add_argument("--temperature", type=float, default=0.0,
+                 help="0 = greedy (default); > 0 samples from softmax(logits / temperature)")
+  p.add_argument("--top-p", type=float, default=1.0,
+                 help="nucleus sampling: keep the most likely tokens up to this probability mass (default: 1)")
+  p.add_argument("--seed", type=int, default=0, help="sampling seed")
+  p.add_argument("--no-bos", action="store_true", help="do not add the tokenizer's special (BOS) tokens")
+  p.add_argument("--ignore-eos", action="store_true", help="always generate --max-new-tokens tokens")
+  p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
+                 help="compute and parameter dtype (default: as stored)")
+  p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+
+
+def load_tokenizer(path):
+  import transformers
+  p = epath.Path(path)
+  if not p.is_dir():
+    raise ConfigError(f"--tokenizer {p}: not a directory (expected a local Hugging Face tokenizer folder)")
+  try:
+    return transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
+  except (OSError, ValueError) as e:
+    raise ConfigError(f"--tokenizer {p}: cannot load a tokenizer: {e}") from e
+
+
+def run(args) -> int:
+  cfg, _ = params_io.read_model_config(args.checkpoint)
+  tok = load_tokenizer(args.tokenizer)
+  if args.dtype:
+    cfg = cfg.replace(param_dtype=args.dtype, dtype=args.dtype)
+  text = params_io.load_params(args.checkpoint, subtree="text", dtype=args.dtype)
+  model = generate.text_model(cfg, text)
+  prompts = [tok(p, add_special_tokens=not args.no_bos)["input_ids"] for p in args.prompt]
+  for p, ids in zip(args.prompt, prompts):
+    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
+    if bad:
+      raise ConfigError(f"--prompt {p!r}: token ids {bad[:5]} are outside the model's vocabulary "
+                        f"({cfg.vocab_size}); is --tokenizer the model's tokenizer?")
+  eos = set() if args.ignore_eos else {cfg.eos_id} | ({tok.eos_token_id} if tok.eos_token_id is not None else set())
+  pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+  new = generate.generate(model, prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          seed=args.seed, eos_ids=sorted(eos), pad_id=pad)
+  for prompt_text, ids, out in zip(args.prompt, prompts, new):
+    decoded = tok.decode(out, skip_special_tokens=True)
+    if args.json:
+      print(json.dumps({"prompt_tokens": list(ids), "tokens": out, "text": decoded}))
+    else:
+      print(prompt_text + decoded)
+  return 0

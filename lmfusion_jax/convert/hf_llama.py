@@ -1,0 +1,398 @@
+"""Hugging Face Llama checkpoints <-> our `text` parameter tree, one tensor at a time.
+
+The mapping is declarative: `TEXT_RULES` lists, for every leaf of our tree (see models/llama.py), the HF
+tensor name (a template over the layer index for stacked layer weights) and how the tensor is transformed.
+There are only two transforms, both exact (no arithmetic, so a round trip is bitwise):
+  copy    the same array                       (embeddings, RMSNorm weights)
+  linear  HF nn.Linear weight [out, in]  <->  ours [*in_dims, *out_dims] = W.T reshaped
+          (q [embed, heads, head_dim], o [heads, head_dim, embed], gate [embed, mlp], lm_head [embed, vocab])
+RoPE needs no permutation: our attention uses HF's rotate-half layout, and neither side folds the
+1/sqrt(head_dim) query scale into q.
+
+Reading uses `safetensors.safe_open` per tensor (the file is mapped only while that tensor is copied out),
+for a single `model.safetensors`, a set of shards with `model.safetensors.index.json`, or loose
+`*.safetensors` files. Only safetensors and JSON are ever read (never pickle).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import uuid
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+
+import ml_dtypes
+import numpy as np
+from etils import epath
+from safetensors import safe_open
+
+from lmfusion_jax.models.config import LlamaConfig
+from lmfusion_jax.models.llama import layer_param_shapes
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+# Tensors some HF checkpoints carry that hold no learned weights; skipped on import.
+IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+
+NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16),
+                "float16": np.dtype(np.float16)}
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+class ConversionError(ValueError):
+  """A checkpoint cannot be converted; the message names the file, tensor or field at fault."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorRule:
+  """One leaf of our `text` tree and its HF tensor(s)."""
+  ours: str              # "/"-joined path in our tree, e.g. "layers/q"
+  hf: str                # HF tensor name; "{i}" = layer index for stacked layer weights
+  kind: str              # "copy" | "linear"
+  n_in: int = 1          # linear only: how many leading dims of our (per-layer) shape form nn.Linear's input
+
+  @property
+  def per_layer(self) -> bool:
+    return "{i}" in self.hf
+
+
+TEXT_RULES: Tuple[TensorRule, ...] = (
+    TensorRule("embed", "model.embed_tokens.weight", "copy"),
+    TensorRule("layers/attn_norm", "model.layers.{i}.input_layernorm.weight", "copy"),
+    TensorRule("layers/q", "model.layers.{i}.self_attn.q_proj.weight", "linear"),
+    TensorRule("layers/k", "model.layers.{i}.self_attn.k_proj.weight", "linear"),
+    TensorRule("layers/v", "model.layers.{i}.self_attn.v_proj.weight", "linear"),
+    TensorRule("layers/o", "model.layers.{i}.self_attn.o_proj.weight", "linear", n_in=2),
+    TensorRule("layers/ffn_norm", "model.layers.{i}.post_attention_layernorm.weight", "copy"),
+    TensorRule("layers/gate", "model.layers.{i}.mlp.gate_proj.weight", "linear"),
+    TensorRule("layers/up", "model.layers.{i}.mlp.up_proj.weight", "linear"),
+    TensorRule("layers/down", "model.layers.{i}.mlp.down_proj.weight", "linear"),
+    TensorRule("final_norm", "model.norm.weight", "copy"),
+    TensorRule("lm_head", "lm_head.weight", "linear"),
+)
+
+
+def text_rules(cfg: LlamaConfig) -> Tuple[TensorRule, ...]:
+  """The rules that apply to this config (no lm_head with tied embeddings)."""
+  return tuple(r for r in TEXT_RULES if not (r.ours == "lm_head" and cfg.tie_embeddings))
+
+
+def text_param_shapes(cfg: LlamaConfig) -> Dict[str, Tuple[int, ...]]:
+  """Our `text` leaves ("/"-joined path -> full shape, layers stacked)."""
+  shapes = {"embed": (cfg.vocab_size, cfg.dim), "final_norm": (cfg.dim,), "lm_head": (cfg.dim, cfg.vocab_size)}
+  shapes.update({f"layers/{k}": tuple(s) for k, (s, _, _) in layer_param_shapes(cfg).items()})
+  return shapes
+
+
+def _unit_shape(rule: TensorRule, cfg: LlamaConfig) -> Tuple[int, ...]:
+  """Our shape of one HF tensor (one layer's slice for stacked weights)."""
+  shape = text_param_shapes(cfg)[rule.ours]
+  return shape[1:] if rule.per_layer else shape
+
+
+def hf_shape(rule: TensorRule, cfg: LlamaConfig) -> Tuple[int, ...]:
+  ours = _unit_shape(rule, cfg)
+  if rule.kind == "copy":
+    return ours
+  return (math.prod(ours[rule.n_in:]), math.prod(ours[:rule.n_in]))
+
+
+def to_ours(rule: TensorRule, hf_array: np.ndarray, unit_shape: Sequence[int]) -> np.ndarray:
+  if rule.kind == "copy":
+    return hf_array
+  return hf_array.T.reshape(unit_shape)
+
+
+def to_hf(rule: TensorRule, our_array: np.ndarray, hf_shape_: Sequence[int]) -> np.ndarray:
+  if rule.kind == "copy":
+    return np.ascontiguousarray(our_array)
+  return np.ascontiguousarray(our_array.reshape(hf_shape_[1], hf_shape_[0]).T)
+
+
+def hf_names(rule: TensorRule, cfg: LlamaConfig) -> list:
+  return [rule.hf.format(i=i) for i in range(cfg.n_layers)] if rule.per_layer else [rule.hf]
+
+
+# --- Reading ----------------------------------------------------------------------------------------------
+class HFCheckpoint:
+  """Lazy view of the safetensors files of a HF model folder: names, shapes and dtypes from the headers,
+  tensors read one at a time."""
+
+  def __init__(self, hf_dir):
+    self.dir = epath.Path(hf_dir)
+    if not self.dir.is_dir():
+      raise ConversionError(f"{self.dir}: not a directory (expected a Hugging Face model folder)")
+    self.files: Dict[str, str] = {}    # tensor name -> file name
+    index = self.dir / INDEX_FILE
+    if index.exists():
+      try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConversionError(f"{index}: not a safetensors index (needs a 'weight_map' object): {e}") from e
+      for fname in sorted(set(weight_map.values())):
+        if not (self.dir / fname).exists():
+          raise ConversionError(f"{index} lists shard {fname!r}, but {self.dir / fname} does not exist")
+      self.files = dict(weight_map)
+    else:
+      shards = sorted(p.name for p in self.dir.glob("*.safetensors"))
+      if not shards:
+        raise ConversionError(f"{self.dir}: no *.safetensors files and no {INDEX_FILE} "
+                              f"(only safetensors checkpoints are supported)")
+      for fname in shards:
+        with safe_open(os.fspath(self.dir / fname), framework="numpy") as f:
+          for name in f.keys():
+            if name in self.files:
+              raise ConversionError(f"tensor {name!r} appears in both {self.files[name]} and {fname}")
+            self.files[name] = fname
+    self._headers: Dict[str, Tuple[Tuple[int, ...], str]] = {}
+
+  def names(self):
+    return list(self.files)
+
+  def _header(self, name: str):
+    if name not in self._headers:
+      self._require(name)
+      fname = self.files[name]
+      with safe_open(os.fspath(self.dir / fname), framework="numpy") as f:
+        for n in f.keys():
+          sl = f.get_slice(n)
+          self._headers[n] = (tuple(sl.get_shape()), sl.get_dtype())
+      if name not in self._headers:
+        raise ConversionError(f"{self.dir / fname}: tensor {name!r} listed in {INDEX_FILE} is not in the file")
+    return self._headers[name]
+
+  def _require(self, name: str):
+    if name not in self.files:
+      where = INDEX_FILE if (self.dir / INDEX_FILE).exists() else ", ".join(sorted(set(self.files.values())))
+      raise ConversionError(f"{self.dir}: tensor {name!r} is missing (looked in {where})")
+
+  def shape(self, name: str) -> Tuple[int, ...]:
+    return self._header(name)[0]
+
+  def dtype(self, name: str) -> str:
+    """Our dtype name of a tensor ("float32" | "bfloat16" | "float16")."""
+    st = self._header(name)[1]
+    if st not in SAFETENSORS_DTYPES:
+      raise ConversionError(f"{self.dir / self.files[name]}: tensor {name!r} has dtype {st}; "
+                            f"expected one of {sorted(SAFETENSORS_DTYPES)}")
+    return SAFETENSORS_DTYPES[st]
+
+  def read(self, name: str) -> np.ndarray:
+    """One tensor as a numpy array (the file is mapped only during this call)."""
+    self._require(name)
+    with safe_open(os.fspath(self.dir / self.files[name]), framework="numpy") as f:
+      return f.get_tensor(name)
+
+  def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a tensor; the file is mapped only during this call, so reading a large
+    tensor in row blocks keeps at most one block of the file resident."""
+    self._require(name)
+    with safe_open(os.fspath(self.dir / self.files[name]), framework="numpy") as f:
+      return f.get_slice(name)[start:stop]
+
+  def read_into(self, rule: TensorRule, name: str, out: np.ndarray, block_bytes: int = 64 * 2**20) -> None:
+    """Reads HF tensor `name` into `out` (our layout, any dtype), converting block by block of rows."""
+    shape = self.shape(name)
+    if rule.kind == "copy":
+      target = out.reshape(shape[0], -1)                               # HF rows = our leading axis
+    else:
+      target = out.reshape(math.prod(out.shape[:rule.n_in]), -1).T    # view [out, in], same as HF
+    row_bytes = max(1, math.prod(shape[1:]) * NUMPY_DTYPES[self.dtype(name)].itemsize)
+    step = max(1, block_bytes // row_bytes)
+    for r in range(0, shape[0], step):
+      block = self.read_rows(name, r, min(r + step, shape[0]))
+      target[r:r + block.shape[0]] = block.reshape(block.shape[0], -1)
+
+
+def read_config(hf_dir, **overrides) -> LlamaConfig:
+  """LlamaConfig from `hf_dir/config.json` (ConfigError names the file and field on bad input)."""
+  return LlamaConfig.from_hf_file(epath.Path(hf_dir) / "config.json", **overrides)
+
+
+def checkpoint_dtype(ckpt: HFCheckpoint, cfg: LlamaConfig) -> str:
+  """The dtype of the checkpoint's weights; float32 if they are mixed (lossless for bf16/fp16)."""
+  dtypes = {ckpt.dtype(n) for rule in text_rules(cfg) for n in hf_names(rule, cfg)}
+  return dtypes.pop() if len(dtypes) == 1 else "float32"
+
+
+def validate(ckpt: HFCheckpoint, cfg: LlamaConfig) -> None:
+  """Checks every expected tensor exists with the shape config.json implies, and nothing unknown is
+  present, before anything is written. Raises ConversionError naming the tensor and file."""
+  expected = set()
+  for rule in text_rules(cfg):
+    want = hf_shape(rule, cfg)
+    for name in hf_names(rule, cfg):
+      expected.add(name)
+      got = ckpt.shape(name)
+      if got != want:
+        raise ConversionError(f"{ckpt.dir / ckpt.files[name]}: tensor {name!r} has shape {list(got)}, but "
+                              f"config.json implies {list(want)}")
+      ckpt.dtype(name)
+  unknown = [n for n in ckpt.names() if n not in expected and not n.endswith(IGNORED_SUFFIXES)
+             and not (cfg.tie_embeddings and n == "lm_head.weight")]
+  if unknown:
+    raise ConversionError(f"{ckpt.dir}: unexpected tensor(s) for a Llama model: {sorted(unknown)[:8]}"
+                          f"{' ...' if len(unknown) > 8 else ''}")
+
+
+def iter_text_leaves(ckpt: HFCheckpoint, cfg: LlamaConfig, dtype: str) -> Iterator[Tuple[str, np.ndarray]]:
+  """Yields (our "/"-path, numpy array in `dtype`) one leaf at a time. Each leaf (layers stacked) is
+  preallocated and filled from the HF tensors in row blocks, so host memory holds one leaf plus one block."""
+  np_dtype = NUMPY_DTYPES[dtype]
+  for rule in text_rules(cfg):
+    unit = _unit_shape(rule, cfg)
+    names = hf_names(rule, cfg)
+    out = np.empty((len(names),) + unit if rule.per_layer else unit, np_dtype)
+    for i, name in enumerate(names):
+      ckpt.read_into(rule, name, out[i] if rule.per_layer else out)
+    yield rule.ours, out
+    del out
+
+
+def nest(flat: Dict[str, np.ndarray]) -> dict:
+  """{"layers/q": x, "embed": y} -> {"layers": {"q": x}, "embed": y}."""
+  tree: dict = {}
+  for path, value in flat.items():
+    node = tree
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def load_hf_text_params(hf_dir, dtype: Optional[str] = None) -> Tuple[LlamaConfig, dict]:
+  """Whole HF checkpoint -> (LlamaConfig, `text` pure dict of numpy arrays). Holds the model in memory;
+  the `convert-llama` command streams leaves into a checkpoint instead."""
+  ckpt = HFCheckpoint(hf_dir)
+  cfg = read_config(hf_dir)
+  validate(ckpt, cfg)
+  dtype = dtype or checkpoint_dtype(ckpt, cfg)
+  cfg = cfg.replace(param_dtype=dtype)
+  return cfg, nest(dict(iter_text_leaves(ckpt, cfg, dtype)))
+
+
+# --- Writing ----------------------------------------------------------------------------------------------
+def hf_config_dict(cfg: LlamaConfig, dtype: str) -> dict:
+  """config.json for transformers' LlamaForCausalLM (both the 4.x and 5.x spellings of RoPE settings)."""
+  hf = cfg.to_hf_dict()
+  hf["torch_dtype"] = dtype
+  hf["dtype"] = dtype
+  rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
+  if cfg.rope_scaling is not None:
+    rope.update(hf["rope_scaling"])
+  hf["rope_parameters"] = rope
+  return hf
+
+
+def iter_hf_tensors(cfg: LlamaConfig, get_leaf: Callable[[str], np.ndarray],
+                    dtype: Optional[str] = None) -> Iterator[Tuple[str, np.ndarray]]:
+  """Yields (HF name, HF-layout array), fetching one of our leaves at a time with `get_leaf(path)`."""
+  for rule in text_rules(cfg):
+    leaf = np.asarray(get_leaf(rule.ours))
+    want = text_param_shapes(cfg)[rule.ours]
+    if tuple(leaf.shape) != tuple(want):
+      raise ConversionError(f"leaf text/{rule.ours} has shape {list(leaf.shape)}, config implies {list(want)}")
+    if dtype is not None:
+      leaf = leaf.astype(NUMPY_DTYPES[dtype], copy=False)
+    shape = hf_shape(rule, cfg)
+    for i, name in enumerate(hf_names(rule, cfg)):
+      yield name, to_hf(rule, leaf[i] if rule.per_layer else leaf, shape)
+    del leaf
+
+
+ST_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+def plan_shards(cfg: LlamaConfig, dtype: str, max_shard_bytes: int) -> list:
+  """[[(HF name, shape), ...] per shard] in `iter_hf_tensors` order; a shard closes before it would
+  exceed max_shard_bytes (a single larger tensor gets a shard of its own)."""
+  itemsize = NUMPY_DTYPES[dtype].itemsize
+  shards, cur, cur_bytes = [], [], 0
+  for rule in text_rules(cfg):
+    shape = hf_shape(rule, cfg)
+    nbytes = math.prod(shape) * itemsize
+    for name in hf_names(rule, cfg):
+      if cur and cur_bytes + nbytes > max_shard_bytes:
+        shards.append(cur)
+        cur, cur_bytes = [], 0
+      cur.append((name, shape))
+      cur_bytes += nbytes
+  if cur:
+    shards.append(cur)
+  return shards
+
+
+class SafetensorsStreamWriter:
+  """Writes one .safetensors file tensor by tensor (header first, from the known names/shapes/dtype), so
+  the file's tensors are never all in memory. Same bytes layout as safetensors' own writer."""
+
+  def __init__(self, path, entries: Sequence[Tuple[str, Tuple[int, ...]]], dtype: str):
+    self.entries, self.dtype, self.next = list(entries), NUMPY_DTYPES[dtype], 0
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, shape in self.entries:
+      nbytes = math.prod(shape) * self.dtype.itemsize
+      header[name] = {"dtype": ST_DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+      offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    self.f = epath.Path(path).open("wb")
+    self.f.write(len(raw).to_bytes(8, "little") + raw)
+
+  def write(self, name: str, arr: np.ndarray) -> None:
+    want, shape = self.entries[self.next]
+    if name != want or tuple(arr.shape) != tuple(shape) or arr.dtype != self.dtype:
+      raise ConversionError(f"safetensors writer: got {name} {arr.shape} {arr.dtype}, expected {want} {shape}")
+    self.f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
+    self.next += 1
+
+  def close(self) -> None:
+    self.f.close()
+    if self.next != len(self.entries):
+      raise ConversionError(f"safetensors writer: {len(self.entries) - self.next} tensors were not written")
+
+
+def write_hf_checkpoint(out_dir, cfg: LlamaConfig, get_leaf: Callable[[str], np.ndarray],
+                        dtype: str, max_shard_bytes: int = 5 * 10**9, overwrite: bool = False) -> epath.Path:
+  """Writes a HF folder (config.json, generation_config.json, safetensors shards [+ index]) that
+  `transformers.LlamaForCausalLM.from_pretrained` loads, holding one of our leaves at a time. Written into
+  a temporary folder, then renamed."""
+  out = epath.Path(out_dir)
+  if out.exists() and not overwrite:
+    raise ConversionError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
+  shards = plan_shards(cfg, dtype, max_shard_bytes)
+  names = ([SINGLE_FILE] if len(shards) == 1 else
+           [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+  tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+  tmp.mkdir(parents=True)
+  try:
+    tensors = iter_hf_tensors(cfg, get_leaf, dtype)
+    for fname, entries in zip(names, shards):
+      writer = SafetensorsStreamWriter(tmp / fname, entries, dtype)
+      for _ in entries:
+        writer.write(*next(tensors))
+      writer.close()
+    if next(tensors, None) is not None:
+      raise ConversionError("export: more tensors than planned")
+    if len(shards) > 1:
+      itemsize = NUMPY_DTYPES[dtype].itemsize
+      total = sum(math.prod(shape) * itemsize for entries in shards for _, shape in entries)
+      weight_map = {n: fname for fname, entries in zip(names, shards) for n, _ in entries}
+      index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+      (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype), indent=2))
+    gen = {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "do_sample": False}
+    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
+    if out.exists():
+      out.rmtree()
+    tmp.rename(out)
+  except BaseException:
+    _rmtree(tmp)
+    raise
+  return out
+
+
+def _rmtree(path: epath.Path) -> None:
+  if path.exists():
+    path.rmtree()

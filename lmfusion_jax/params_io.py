@@ -1,0 +1,270 @@
+"""The params checkpoint: model weights (no optimizer state) plus the model config, in one directory.
+
+Layout:
+  CKPT/lmfusion.json   {"format": 1, "llama": {LlamaConfig fields}, "fusion": {FusionConfig fields} | null}
+  CKPT/params/         Orbax checkpoint of the pure dict {"text": {...}, "image": {...}}
+                       (`image` is absent in a text-only checkpoint, e.g. a converted Llama)
+
+Writing is atomic: everything goes to `CKPT.lmfusion-tmp` first and is renamed into place at the end;
+on gs:// (no directory rename) it is written in place and `lmfusion.json` is written last, so a
+checkpoint without it is incomplete and refused on read. Reading restores against an abstract target
+built on the CURRENT mesh from the model's logical axis names, so a checkpoint written on one mesh (or
+on one CPU by `convert-llama`) loads sharded on any other.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Optional, Tuple
+
+import jax
+import numpy as np
+from etils import epath
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from orbax.checkpoint import multihost
+import orbax.checkpoint.experimental.v1 as ocp
+
+from lmfusion_jax import sharding
+from lmfusion_jax.models.config import (DTYPES, ConfigError, FusionConfig, LlamaConfig, fusion_config_from,
+                                        llama_config_from)
+
+CONFIG_FILE = "lmfusion.json"
+PARAMS_DIR = "params"
+FORMAT_VERSION = 1
+TMP_SUFFIX = ".lmfusion-tmp"
+
+
+class CheckpointError(ValueError):
+  """A params checkpoint is missing, incomplete or does not match the model; the message says which."""
+
+
+# --- Config -----------------------------------------------------------------------------------------------
+def _config_json(llama_cfg: LlamaConfig, fusion_cfg: Optional[FusionConfig]) -> str:
+  return json.dumps({"format": FORMAT_VERSION, "llama": dataclasses.asdict(llama_cfg),
+                     "fusion": dataclasses.asdict(fusion_cfg) if fusion_cfg is not None else None}, indent=2)
+
+
+def read_model_config(path) -> Tuple[LlamaConfig, Optional[FusionConfig]]:
+  """(LlamaConfig, FusionConfig or None) stored with a params checkpoint."""
+  p = epath.Path(path)
+  f = p / CONFIG_FILE
+  if not f.exists():
+    what = "no such directory" if not p.exists() else f"no {CONFIG_FILE} (incomplete or not a params checkpoint)"
+    raise CheckpointError(f"{p}: {what}")
+  try:
+    d = json.loads(f.read_text())
+    llama = llama_config_from(d["llama"])
+    fusion = fusion_config_from(d["fusion"]) if d.get("fusion") is not None else None
+  except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
+    raise CheckpointError(f"{f}: cannot read the model config: {e}") from e
+  return llama, fusion
+
+
+# --- Logical names and shardings ----------------------------------------------------------------------------
+def abstract_state(llama_cfg: LlamaConfig, fusion_cfg: Optional[FusionConfig] = None) -> nnx.State:
+  """Abstract nnx.State {"text": ..., ["image": ...]} (ShapeDtypeStruct leaves with logical-name metadata)."""
+  if fusion_cfg is not None:
+    from lmfusion_jax.models import fusion  # the fusion model pulls in the image modules
+    return nnx.state(fusion.abstract_model(llama_cfg, fusion_cfg))
+  from lmfusion_jax.models.llama import Llama
+  model = nnx.eval_shape(lambda: Llama(llama_cfg, rngs=nnx.Rngs(0)))
+  return nnx.State({"text": nnx.state(model)})
+
+
+def param_shardings(llama_cfg: LlamaConfig, fusion_cfg: Optional[FusionConfig], mesh: Mesh,
+                    rules: Optional[dict] = None) -> dict:
+  """NamedSharding per parameter (pure dict {"text", ["image"]}) on `mesh`, from the logical axis names."""
+  return sharding.state_shardings(abstract_state(llama_cfg, fusion_cfg), mesh, rules)
+
+
+# --- Writing ----------------------------------------------------------------------------------------------
+def _is_remote(p: epath.Path) -> bool:
+  return "://" in str(p)
+
+
+def _path(path) -> epath.Path:
+  """epath.Path; local paths made absolute (Orbax requires it)."""
+  p = epath.Path(path)
+  return p if _is_remote(p) else p.resolve()
+
+
+class ParamsWriter:
+  """Writes a params checkpoint piece by piece, so a converter never holds the whole model:
+
+      with ParamsWriter(path, llama_cfg) as w:
+        w.write({"text": {"embed": embed}})
+        w.write({"text": {"layers": {"q": q}}})   # each call adds new leaves (no replacement)
+
+  Leaves are numpy or jax arrays. Nothing is left at `path` if the block raises. Single process only
+  (the converters run on one host); `save_params` handles multi-host sharded arrays.
+  """
+
+  def __init__(self, path, llama_cfg: LlamaConfig, fusion_cfg: Optional[FusionConfig] = None,
+               overwrite: bool = False, chunk_bytes: Optional[int] = 64 * 2**20):
+    self.path = _path(path)
+    # Stored chunks of <= chunk_bytes: a host restoring onto a sharded mesh reads only the chunks it needs.
+    self.chunk_bytes = chunk_bytes
+    self.llama_cfg, self.fusion_cfg = llama_cfg, fusion_cfg
+    self.overwrite = overwrite
+    self._dir = None
+    self._written = 0
+
+  def __enter__(self) -> "ParamsWriter":
+    if jax.process_count() > 1:
+      raise CheckpointError("ParamsWriter is single-process; use save_params for multi-host arrays")
+    _check_target(self.path, self.overwrite)
+    self._dir = self.path if _is_remote(self.path) else _tmp_path(self.path)
+    _remove(self._dir)
+    self._dir.mkdir(parents=True)
+    return self
+
+  def write(self, tree: dict) -> None:
+    ctx = ocp.Context()
+    ctx.array.saving.storage_options.chunk_byte_size = self.chunk_bytes
+    with ctx:
+      ocp.partial.save(self._dir / PARAMS_DIR, tree)
+    self._written += 1
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is not None:
+      _remove(self._dir)
+      return
+    try:
+      if not self._written:
+        raise CheckpointError(f"{self.path}: nothing was written")
+      ocp.partial.finalize(self._dir / PARAMS_DIR)
+      _commit(self._dir, self.path, self.llama_cfg, self.fusion_cfg, self.overwrite)
+    except BaseException:
+      _remove(self._dir)
+      raise
+
+
+def save_params(path, params: dict, llama_cfg: LlamaConfig, fusion_cfg: Optional[FusionConfig] = None,
+                overwrite: bool = False) -> epath.Path:
+  """Saves {"text": ..., ["image": ...]} (numpy or jax arrays, sharded over any mesh, multi-host) with the
+  model config. Atomic: nothing appears at `path` unless everything was written. Call on every process."""
+  path = _path(path)
+  if set(params) - {"text", "image"} or "text" not in params:
+    raise CheckpointError(f"save_params: expected top-level keys 'text' [and 'image'], got {sorted(params)}")
+  primary = multihost.is_primary_host(0)
+  work = path if _is_remote(path) else _tmp_path(path)
+  if primary:
+    _check_target(path, overwrite)
+    _remove(work)
+    work.mkdir(parents=True)
+  multihost.sync_global_processes("lmfusion_save_params_start")
+  try:
+    ocp.save(work / PARAMS_DIR, params)
+    multihost.sync_global_processes("lmfusion_save_params_written")
+    if primary:
+      _commit(work, path, llama_cfg, fusion_cfg, overwrite)
+  except BaseException:
+    if primary:
+      _remove(work)
+    raise
+  multihost.sync_global_processes("lmfusion_save_params_done")
+  return path
+
+
+def _tmp_path(path: epath.Path) -> epath.Path:
+  return path.parent / (path.name + TMP_SUFFIX)
+
+
+def _check_target(path: epath.Path, overwrite: bool) -> None:
+  if path.exists() and not overwrite:
+    raise CheckpointError(f"{path}: already exists (pass overwrite=True / --overwrite to replace it)")
+
+
+def _remove(p: Optional[epath.Path]) -> None:
+  if p is not None and p.exists():
+    p.rmtree()
+
+
+def _commit(work: epath.Path, path: epath.Path, llama_cfg, fusion_cfg, overwrite: bool) -> None:
+  """Writes lmfusion.json (last: it marks the checkpoint complete) and moves `work` to `path`."""
+  text = _config_json(llama_cfg, fusion_cfg)
+  if work == path:  # remote: written in place
+    (path / CONFIG_FILE).write_text(text)
+    return
+  (work / (CONFIG_FILE + ".tmp")).write_text(text)
+  (work / (CONFIG_FILE + ".tmp")).rename(work / CONFIG_FILE)
+  if path.exists() and overwrite:
+    path.rmtree()
+  work.rename(path)
+
+
+# --- Reading ----------------------------------------------------------------------------------------------
+def _select(tree: Any, subtree: Optional[str], what: str):
+  if not subtree:
+    return tree
+  node = tree
+  for part in subtree.strip("/").split("/"):
+    if not isinstance(node, dict) or part not in node:
+      raise CheckpointError(f"{what}: no entry {subtree!r} (have {sorted(node) if isinstance(node, dict) else 'a leaf'})")
+    node = node[part]
+  return node
+
+
+def _wrap(value, subtree: Optional[str]):
+  if not subtree:
+    return value
+  for part in reversed(subtree.strip("/").split("/")):
+    value = {part: value}
+  return value
+
+
+def _flat(tree) -> dict:
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: not isinstance(x, dict))[0]
+  return {"/".join(str(k.key) for k in path): v for path, v in leaves}
+
+
+def stored_metadata(path) -> dict:
+  """Shapes and dtypes on disk: pure dict of objects with .shape and .dtype."""
+  p = _path(path)
+  read_model_config(p)  # refuses incomplete checkpoints
+  return ocp.metadata(p / PARAMS_DIR).metadata
+
+
+def load_params(path, mesh: Optional[Mesh] = None, shardings: Optional[dict] = None,
+                subtree: Optional[str] = None, dtype: Optional[str] = None):
+  """Restores a params checkpoint (or the part named by `subtree`, e.g. "text" or "text/layers/q").
+
+  Shardings: `shardings` (a pytree matching the restored part) if given; else derived on `mesh` from the
+  model's logical axis names; else everything on the first local device. `dtype` casts on restore.
+  Returns the pure dict (or the leaf) at `subtree`.
+  """
+  p = _path(path)
+  llama_cfg, fusion_cfg = read_model_config(p)
+  on_disk = _select(ocp.metadata(p / PARAMS_DIR).metadata, subtree, f"{p / PARAMS_DIR}")
+  expected = _select(nnx.to_pure_dict(abstract_state(llama_cfg, fusion_cfg)), subtree, "the model described by lmfusion.json")
+  disk_flat, exp_flat = _flat(on_disk), _flat(expected)
+  missing = sorted(set(exp_flat) - set(disk_flat))
+  unexpected = sorted(set(disk_flat) - set(exp_flat))
+  if missing or unexpected:
+    raise CheckpointError(f"{p}: parameters do not match {CONFIG_FILE}: missing {missing[:8]}, "
+                          f"unexpected {unexpected[:8]}")
+  for k, meta in disk_flat.items():
+    if tuple(meta.shape) != tuple(exp_flat[k].shape):
+      raise CheckpointError(f"{p}: parameter {subtree + '/' if subtree else ''}{k} has shape "
+                            f"{list(meta.shape)} on disk, the config implies {list(exp_flat[k].shape)}")
+  if dtype is not None and dtype not in DTYPES:
+    raise CheckpointError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
+  if shardings is None:
+    if mesh is not None:
+      shardings = _select(param_shardings(llama_cfg, fusion_cfg, mesh), subtree, "shardings")
+    else:
+      device = SingleDeviceSharding(jax.local_devices()[0])
+      shardings = jax.tree.map(lambda _: device, on_disk)
+  target = jax.tree.map(
+      lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), DTYPES[dtype] if dtype else np.dtype(m.dtype), sharding=s),
+      on_disk, shardings)
+  ctx = ocp.Context()
+  ctx.pytree.loading.partial_load = True
+  with ctx:
+    restored = ocp.load(p / PARAMS_DIR, _wrap(target, subtree))
+  return _select(restored, subtree, "restored tree")
+
+
+def count_params(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
