@@ -25,7 +25,7 @@ def write_json_atomic(path: epath.Path, obj) -> None:
   path = epath.Path(path)
   tmp = path.parent / (path.name + ".tmp")
   tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-  tmp.rename(path)
+  tmp.replace(path)
 
 
 class Checkpointer:

@@ -18,6 +18,12 @@ COMMANDS = {
                      "text branch of a params checkpoint -> Hugging Face Llama folder"),
     "generate": ("lmfusion_jax.commands.generate_text",
                  "generate text from a params checkpoint with a KV cache (greedy or top-p sampling)"),
+    "sample": ("lmfusion_jax.commands.sample", "text-to-image sampling (DDPM/DDIM, CFG) -> PNGs + contact sheet"),
+    "caption": ("lmfusion_jax.commands.caption", "greedy captions of image files"),
+    "eval": ("lmfusion_jax.commands.evaluate",
+             "held-out metrics (text NLL, diffusion loss, CIDEr-D, accuracies, FID) as JSON, on any mesh"),
+    "plan": ("lmfusion_jax.commands.plan",
+             "compile the train step for a TPU topology on this host: HBM fit, FLOPs, step time, MFU"),
 }
 
 

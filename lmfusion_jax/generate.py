@@ -26,11 +26,12 @@ from lmfusion_jax.models import decoder
 from lmfusion_jax.models.attention import TokenInfo
 from lmfusion_jax.models.config import LlamaConfig
 from lmfusion_jax.models.llama import Llama
+from lmfusion_jax.models.params import abstract_split
 
 
 def text_model(cfg: LlamaConfig, text_params: dict) -> Llama:
   """A Llama module holding `text_params` (a pure dict, e.g. `params_io.load_params(..., subtree="text")`)."""
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: Llama(cfg, rngs=nnx.Rngs(0))))
+  graphdef, state = abstract_split(lambda: Llama(cfg, rngs=nnx.Rngs(0)))
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, text_params))
   return nnx.merge(graphdef, state)
 

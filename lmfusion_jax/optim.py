@@ -15,6 +15,8 @@ def lr_schedule(peak: float, final: float, warmup_steps: int, total_steps: int) 
   if peak == 0.0:
     return optax.constant_schedule(0.0)
   warmup_steps = max(0, min(warmup_steps, total_steps))
+  if warmup_steps == 0:
+    return optax.cosine_decay_schedule(peak, max(total_steps, 1), alpha=final / peak)
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=peak, warmup_steps=max(warmup_steps, 1),
       decay_steps=max(total_steps, warmup_steps + 1), end_value=final)

@@ -28,6 +28,7 @@ import orbax.checkpoint.experimental.v1 as ocp
 from lmfusion_jax import sharding
 from lmfusion_jax.models.config import (DTYPES, ConfigError, FusionConfig, LlamaConfig, fusion_config_from,
                                         llama_config_from)
+from lmfusion_jax.models.params import abstract_split
 
 CONFIG_FILE = "lmfusion.json"
 PARAMS_DIR = "params"
@@ -68,8 +69,8 @@ def abstract_state(llama_cfg: LlamaConfig, fusion_cfg: Optional[FusionConfig] = 
     from lmfusion_jax.models import fusion  # the fusion model pulls in the image modules
     return nnx.state(fusion.abstract_model(llama_cfg, fusion_cfg))
   from lmfusion_jax.models.llama import Llama
-  model = nnx.eval_shape(lambda: Llama(llama_cfg, rngs=nnx.Rngs(0)))
-  return nnx.State({"text": nnx.state(model)})
+  _, state = abstract_split(lambda: Llama(llama_cfg, rngs=nnx.Rngs(0)))
+  return nnx.State({"text": state})
 
 
 def param_shardings(llama_cfg: LlamaConfig, fusion_cfg: Optional[FusionConfig], mesh: Mesh,

@@ -41,6 +41,9 @@ def base_config() -> ml_collections.ConfigDict:
       b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.1, grad_clip=1.0, accum_steps=1))
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
   c.data = default_data_config()
+  # records: each process reads its own records; rows: every process builds the same global batches and
+  # keeps its rows (identical batches for any process count; costs host CPU).
+  c.data.process_sharding = "records"
   c.distributed = ml_collections.ConfigDict(dict(coordinator_address="", num_processes=0, process_id=-1,
                                                  local_device_ids=""))
   return c

@@ -22,6 +22,7 @@ from etils import epath
 from lmfusion_jax import checkpoint as ckpt_lib
 from lmfusion_jax import distributed, flops as flops_lib, optim, sharding, train_step as ts
 from lmfusion_jax.data import batch as batch_lib
+from lmfusion_jax.data.global_batch import global_batch as data_global_batch
 from lmfusion_jax.models import sharded
 from lmfusion_jax.models.config import ConfigError
 from lmfusion_jax.run_config import model_configs
@@ -73,10 +74,10 @@ def make_data_iterator(cfg, tokenizer):
 
 
 def global_batch(host_batch: dict, mesh, rows: Optional[slice]) -> dict:
+  """Global arrays from this process's batch (or, with rows, from its rows of a replicated global batch)."""
   if rows is not None:
     host_batch = {k: v[rows] for k, v in host_batch.items()}
-  return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, np.ndim(v)), np.asarray(v))
-          for k, v in host_batch.items()}
+  return data_global_batch(host_batch, mesh)
 
 
 class _Preemption:
@@ -110,10 +111,12 @@ def load_init_params(path, lcfg, fcfg, mesh, seed: int) -> dict:
     raise ConfigError(f"init_from={path}: model field(s) {diff} differ from the run config "
                       f"({', '.join(f'{f}: {getattr(ck_l, f)} vs {getattr(lcfg, f)}' for f in diff)})")
   shardings = sharded.model_shardings(lcfg, fcfg, mesh)
-  same_image = ck_f is not None and dataclasses.replace(ck_f, image_init=fcfg.image_init) == fcfg
+  structural = ("separation", "image_io", "latent_size", "latent_channels", "patch_size", "unet_channels",
+                "unet_blocks", "unet_groups", "time_embed_dim")
+  same_image = fcfg.image_init == "copy" and ck_f is not None and all(getattr(ck_f, f) == getattr(fcfg, f) for f in structural)
   if same_image:
     return params_io.load_params(path, mesh=mesh, shardings=shardings)
-  text = params_io.load_params(path, mesh=mesh, shardings={"text": shardings["text"]}, subtree="text")["text"]
+  text = params_io.load_params(path, mesh=mesh, shardings=shardings["text"], subtree="text")
   with jax.set_mesh(mesh):
     image = jax.jit(lambda t: init_image_params(lcfg, fcfg, t, seed), out_shardings=shardings["image"])(text)
   return {"text": text, "image": image}
@@ -184,6 +187,7 @@ def train(cfg, tokenizer=None) -> dict:
     from tensorboardX import SummaryWriter
     writer = SummaryWriter(str(workdir / "tb"))
 
+  metrics_file = workdir / "metrics.jsonl" if jax.process_index() == 0 else None
   step = int(state["step"])
   host_metrics = {}
   tokens_per_step = cfg.data.global_batch_size * (cfg.data.text_len + cfg.data.image_slots *
@@ -216,6 +220,9 @@ def train(cfg, tokenizer=None) -> dict:
           if writer is not None:
             for k, v in host_metrics.items():
               writer.add_scalar(k, v, step)
+          if metrics_file is not None:
+            with metrics_file.open("a") as f:
+              f.write(json.dumps({"step": step, **host_metrics}) + "\n")
         if will_save:
           checkpointer.save(step, state, data_iter, force=True)
         if preempt.requested:

@@ -143,3 +143,15 @@ def new_state(spec: StepSpec, tx, params: dict, seed: int, mesh: Mesh) -> dict:
   rng = jax.device_put(jax.random.key_data(jax.random.key(seed)), st_sh["rng"])
   step = jax.device_put(jnp.zeros((), jnp.int32), st_sh["step"])
   return {"params": params, "opt_state": opt, "step": step, "rng": rng}
+
+
+def make_eval_step(spec: StepSpec):
+  """(params, batch, rng, timesteps [B, I]) -> metrics, with the noise drawn from `rng` and the given t's:
+  a deterministic held-out loss for comparing checkpoints."""
+  loss_fn = make_loss_fn(spec)
+
+  def eval_step(params, batch, rng, timesteps):
+    _, metrics = loss_fn(params, {}, batch, rng, timesteps)
+    return metrics
+
+  return eval_step

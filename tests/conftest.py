@@ -43,16 +43,20 @@ def digits_data_dir(tmp_path_factory):
   return str(out)
 
 
-@pytest.fixture
-def tiny_config(tokenizer_dir, digits_data_dir, tmp_path):
-  """configs/tiny.py pointed at the session tokenizer/data and a fresh workdir; short and quiet."""
+def make_tiny_config(tokenizer_dir, data_dir, workdir):
+  """configs/tiny.py pointed at a tokenizer/data dir and a workdir; short and quiet."""
   from lmfusion_jax.config_cli import load_config
   cfg = load_config("configs/tiny.py")
-  cfg.workdir = str(tmp_path / "run")
+  cfg.workdir = str(workdir)
   cfg.data.tokenizer_dir = tokenizer_dir
-  cfg.data.data_dir = digits_data_dir
+  cfg.data.data_dir = data_dir
   cfg.tensorboard = False
   cfg.total_steps = 6
   cfg.log_every = 2
   cfg.save_every = 3
   return cfg
+
+
+@pytest.fixture
+def tiny_config(tokenizer_dir, digits_data_dir, tmp_path):
+  return make_tiny_config(tokenizer_dir, digits_data_dir, tmp_path / "run")

@@ -37,6 +37,7 @@ from safetensors import safe_open
 
 from lmfusion_jax.models.config import DTYPES, ConfigError
 from lmfusion_jax.models.vae import AutoencoderKL, VAEConfig
+from lmfusion_jax.models.params import abstract_split
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 CONFIG_FILE = "config.json"
@@ -95,7 +96,7 @@ def _rule_for(path: Tuple[str, ...], shape: tuple) -> TensorRule:
 
 def abstract_vae(cfg: VAEConfig):
   """(graphdef, abstract nnx.State) of an AutoencoderKL, without allocating or initializing weights."""
-  return nnx.split(nnx.eval_shape(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0))))
+  return abstract_split(lambda: AutoencoderKL(cfg, rngs=nnx.Rngs(0)))
 
 
 def _flat_params(state) -> Dict[Tuple[str, ...], jax.ShapeDtypeStruct]:

@@ -26,7 +26,7 @@ from lmfusion_jax.models.config import FusionConfig, LlamaConfig
 from lmfusion_jax.models.image_io import make_image_io
 from lmfusion_jax.models.layers import rms_norm
 from lmfusion_jax.models.llama import LayerStack, Llama
-from lmfusion_jax.models.params import ones, param
+from lmfusion_jax.models.params import abstract_split, ones, param
 
 
 class ImageBranch(nnx.Module):
@@ -97,8 +97,11 @@ def copy_text_into_image(model: LMFusion) -> None:
 
 
 def abstract_model(lcfg: LlamaConfig, fcfg: FusionConfig) -> LMFusion:
-  """The model with ShapeDtypeStruct leaves (no memory), for shardings and restore targets."""
-  return nnx.eval_shape(lambda: LMFusion(lcfg, fcfg.replace(image_init="random"), rngs=nnx.Rngs(0)))
+  """The model with ShapeDtypeStruct leaves (no memory), for shardings and restore targets.
+
+  (see params.abstract_split: an active mesh never turns the logical names into mesh axes)."""
+  graphdef, state = abstract_split(lambda: LMFusion(lcfg, fcfg.replace(image_init="random"), rngs=nnx.Rngs(0)))
+  return nnx.merge(graphdef, state)
 
 
 def init_image_params(lcfg: LlamaConfig, fcfg: FusionConfig, text_params: dict, seed: int = 0) -> dict:

@@ -24,3 +24,12 @@ def ones(shape, dtype) -> jax.Array:
 
 def zeros(shape, dtype) -> jax.Array:
   return jnp.zeros(shape, dtype)
+
+
+def abstract_split(ctor):
+  """(graphdef, State of ShapeDtypeStructs) of the module `ctor()` builds, allocating nothing.
+
+  Unlike nnx.eval_shape, an active mesh does not turn the logical `out_sharding` names into mesh axes;
+  shardings come from lmfusion_jax.sharding's rule table only."""
+  from flax import nnx as _nnx
+  return jax.eval_shape(lambda: _nnx.split(ctor()))

@@ -5,6 +5,8 @@ rule table; `init_sharded` runs the initializer under jit with those output shar
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 from flax import nnx
 from jax.sharding import Mesh
@@ -14,8 +16,9 @@ from lmfusion_jax.models.config import FusionConfig, LlamaConfig
 from lmfusion_jax.models.fusion import LMFusion, abstract_model
 
 
+@functools.lru_cache(maxsize=16)
 def graphdef_and_abstract_state(lcfg: LlamaConfig, fcfg: FusionConfig):
-  """(graphdef, abstract nnx.State) of the model; no arrays are allocated."""
+  """(graphdef, abstract nnx.State) of the model; no arrays are allocated. Cached: treat as read-only."""
   return nnx.split(abstract_model(lcfg, fcfg))
 
 

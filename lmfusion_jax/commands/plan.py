@@ -1,0 +1,46 @@
+"""`lmfusion-jax plan`: will this run fit on a TPU slice, and how fast will it go? Compiles the real train
+step for the topology on this (CPU) host; needs libtpu (`pip install '.[tpu]'`). Exit code 1 when the step
+does not fit in HBM."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+ACCEPTS_CONFIG_OVERRIDES = True
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+  p.formatter_class = argparse.RawDescriptionHelpFormatter
+  p.epilog = """examples:
+  lmfusion-jax plan --config configs/llama3_8b_lmfusion.py:v5p-128 --topology v5p-128
+  lmfusion-jax plan --config configs/llama3_8b_dense.py:v5p-256 --topology v5p-256 --json
+  lmfusion-jax plan --config configs/llama3_8b_lmfusion.py --topology v5p-128 --num-slices 2 \\
+      --config.mesh.data=2 --config.data.global_batch_size=512
+
+Topologies: v4-N / v5p-N (N TensorCores = 2 per chip), v5e-N (= v5litepod-N) / v6e-N (N chips), or an
+explicit chip grid such as v5p:4x4x12. HBM per chip: v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB.
+Cost figures come from unrolled compiles (a scanned layer loop is costed once): --cost scaled (default)
+compiles 1 and 2 unrolled layers and extrapolates; --cost unrolled compiles every layer (exact, slow)."""
+  p.add_argument("--config", required=True, help="config file, e.g. configs/llama3_8b_lmfusion.py:v5p-128")
+  p.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-128, v4-64, v5e-256, v6e-64")
+  p.add_argument("--num-slices", type=int, default=1, help="multi-slice (DCN) count; the mesh's data axis "
+                                                             "must be a multiple of it")
+  p.add_argument("--cost", choices=("scaled", "unrolled", "none"), default="scaled",
+                 help="how the per-step cost figures are computed (default: scaled)")
+  p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+
+
+def run(args) -> int:
+  from lmfusion_jax import plan as plan_lib
+  from lmfusion_jax.config_cli import apply_overrides, load_config
+  cfg = apply_overrides(load_config(args.config), args.overrides)
+  report = plan_lib.plan(cfg, args.topology, num_slices=args.num_slices, cost_mode=args.cost)
+  if args.json:
+    print(json.dumps(report.to_dict(), sort_keys=True))
+  else:
+    print(plan_lib.format_report(report))
+  if not report.fits:
+    print(f"lmfusion-jax plan: {plan_lib.not_fit_message(report)}", file=sys.stderr)
+    return 1
+  return 0
