@@ -36,10 +36,15 @@ def get_config(arg: str = ""):
   c.data.image_slots = 2
   c.data.tokens_per_image = 16
   c.data.global_batch_size = 32
+  from lmfusion_jax.evaluate import default_eval_config
+  c.eval = default_eval_config()
+  c.eval.num_examples = 300
+  c.eval.samples_per_class = 10
+  c.eval.sampling_steps = 50
   c.demo = dict(
       tokenizer_vocab=512,
       text_steps=600, text_batch=32, text_seq_len=64, text_lr=3e-3,
-      eval_examples=300, samples_per_digit=10, sample_steps=50, sampler="ddim", cfg_scale=1.0,
+      samples_per_digit=10, sample_steps=50, sampler="ddim", cfg_scale=1.0,
   )
   if arg == "ci":
     c.total_steps = 30
@@ -52,7 +57,9 @@ def get_config(arg: str = ""):
     c.fusion.time_embed_dim = 64
     c.data.global_batch_size = 8
     c.demo.text_steps = 30
-    c.demo.eval_examples = 40
     c.demo.samples_per_digit = 2
     c.demo.sample_steps = 5
+    c.eval.num_examples = 40
+    c.eval.samples_per_class = 2
+    c.eval.sampling_steps = 5
   return c

@@ -11,6 +11,7 @@ import sys
 
 # name -> (module, one-line help)
 COMMANDS = {
+    "demo": ("lmfusion_jax.commands.demo", "the built-in demo: digits, text LM, convert, LMFusion, eval, report"),
     "train": ("lmfusion_jax.commands.train", "train LMFusion (image side; text frozen by default)"),
     "convert-llama": ("lmfusion_jax.commands.convert_llama",
                       "Hugging Face Llama safetensors -> params checkpoint (text + initialized image branch)"),

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from lmfusion_jax import caption as caption_lib
-from lmfusion_jax import generate_image, losses, metrics, model_loading, sharding, train_step as ts
+from lmfusion_jax import generate_image, losses, metrics, model_loading, train_step as ts
 from lmfusion_jax.config_cli import apply_overrides, load_config
 from lmfusion_jax.data.global_batch import global_batch
 from lmfusion_jax.data.packing import empty_row, pack_documents
@@ -160,6 +160,14 @@ def text_nll(params, lcfg, fcfg, batches: list, mesh) -> tuple[float, int]:
   return total / max(count, 1.0), int(count)
 
 
+def held_out_text_metrics(params, lcfg, fcfg, data_cfg, caption_ids, mesh) -> dict:
+  """text_nll / text_perplexity / text_tokens of `BOS caption EOS` documents (text-only forward)."""
+  t_rows = text_rows(caption_ids, lcfg.bos_id, lcfg.eos_id, int(data_cfg.text_len))
+  t_batches = _stack(t_rows, _batch_rows(data_cfg, mesh), {k: np.zeros_like(v) for k, v in t_rows[0].items()})
+  nll, n_tok = text_nll(params, lcfg, fcfg, t_batches, mesh)
+  return {"text_nll": nll, "text_perplexity": math.exp(nll), "text_tokens": n_tok}
+
+
 def diffusion_losses(params, spec: ts.StepSpec, batches: list, timesteps: Sequence[int], noise_seed: int,
                      mesh) -> dict:
   """{t: mean eps-MSE over the valid images of `batches` at timestep t}; noise from (noise_seed, batch)."""
@@ -275,10 +283,7 @@ def evaluate(checkpoint, config=None, overrides: Sequence[str] = (), *, mesh=Non
   result = {"checkpoint": str(checkpoint), "num_examples": len(records), "devices": len(jax.devices())}
 
   # Text NLL on held-out captions as plain text.
-  t_rows = text_rows(caption_ids, lcfg.bos_id, lcfg.eos_id, int(data.text_len))
-  t_batches = _stack(t_rows, rows_per_batch, {k: np.zeros_like(v) for k, v in t_rows[0].items()})
-  nll, n_tok = text_nll(params, lcfg, fcfg, t_batches, mesh)
-  result.update(text_nll=nll, text_perplexity=math.exp(nll), text_tokens=n_tok)
+  result.update(held_out_text_metrics(params, lcfg, fcfg, data, caption_ids, mesh))
 
   # Diffusion loss on held-out caption-first pairs at fixed timesteps.
   docs = [layout_document(r["id"], ids, r["latent"], caption_first=True, special=special,
@@ -326,6 +331,18 @@ def evaluate(checkpoint, config=None, overrides: Sequence[str] = (), *, mesh=Non
     real = generate_image.to_float_images(latents, vae)
     result["fid"] = metrics.fid_from_images(real, gen_images, feature_fn)
   return result
+
+
+def evaluate_text_nll(checkpoint, config=None, overrides: Sequence[str] = (), *, mesh=None) -> dict:
+  """Only the held-out text metrics of `checkpoint` (e.g. of the converted base model, to show that LMFusion
+  training left the text side's outputs bit-identical)."""
+  from lmfusion_jax.data.tokenizer import CaptionEncoder, load_tokenizer
+  loaded = model_loading.load_model(checkpoint, mesh=mesh)
+  cfg = resolve_config(loaded, config, overrides)
+  encode = CaptionEncoder(load_tokenizer(cfg.data.tokenizer_dir))
+  records = read_records(cfg.data, cfg.data.eval_split, cfg.eval.num_examples)
+  return held_out_text_metrics(loaded.params, loaded.llama, loaded.fusion, cfg.data,
+                               [encode(r["caption"]) for r in records], loaded.mesh)
 
 
 def to_json(result: dict) -> str:

@@ -93,10 +93,8 @@ def load_model(checkpoint, mesh: Optional[Mesh] = None, step: Optional[int] = No
     if fusion is None:
       raise ModelLoadError(f"{path}: a text-only params checkpoint (its {params_io.CONFIG_FILE} has no "
                            f"fusion config); image generation and captioning need an LMFusion checkpoint")
-    shardings = sharded.model_shardings(llama, fusion, mesh)
-    # Orbax stores nnx.List indices (U-Net blocks) as string keys; the model's pure dict uses ints.
-    params = params_io.load_params(path, mesh=mesh, shardings=_string_keys(shardings))
-    return LoadedModel(llama, fusion, DiffusionConfig(), _keys_like(params, shardings), mesh, None)
+    params = params_io.load_params(path, mesh=mesh, shardings=sharded.model_shardings(llama, fusion, mesh))
+    return LoadedModel(llama, fusion, DiffusionConfig(), params, mesh, None)
   record = _run_config_record(path)
   llama, fusion, diffusion = configs_from_record(record, str(path / ckpt_lib.RUN_CONFIG))
   if step is None:
@@ -104,17 +102,6 @@ def load_model(checkpoint, mesh: Optional[Mesh] = None, step: Optional[int] = No
   target = sharded.abstract_params(llama, fusion, mesh)
   params, _ = ckpt_lib.restore_params_only(path / "checkpoints", step, target)
   return LoadedModel(llama, fusion, diffusion, params, mesh, record.get("config"))
-
-
-def _string_keys(tree):
-  return {str(k): _string_keys(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
-
-
-def _keys_like(tree, like):
-  """`tree` with the dict keys of `like` (int or str), matched by their string form."""
-  if not isinstance(like, dict):
-    return tree
-  return {k: _keys_like(tree[k] if k in tree else tree[str(k)], v) for k, v in like.items()}
 
 
 def tokenizer_dir_of(loaded: LoadedModel, override: Optional[str] = None) -> str:

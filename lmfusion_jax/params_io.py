@@ -215,6 +215,18 @@ def _wrap(value, subtree: Optional[str]):
   return value
 
 
+def string_keys(tree):
+  """The same tree with every dict key turned into its string form."""
+  return {str(k): string_keys(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def keys_like(tree, like):
+  """`tree` with the dict keys of `like` (int or str), matched by their string form."""
+  if not isinstance(like, dict):
+    return tree
+  return {k: keys_like(tree[k] if k in tree else tree[str(k)], v) for k, v in like.items()}
+
+
 def _flat(tree) -> dict:
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: not isinstance(x, dict))[0]
   return {"/".join(str(k.key) for k in path): v for path, v in leaves}
@@ -257,14 +269,15 @@ def load_params(path, mesh: Optional[Mesh] = None, shardings: Optional[dict] = N
     else:
       device = SingleDeviceSharding(jax.local_devices()[0])
       shardings = jax.tree.map(lambda _: device, on_disk)
+  # Orbax stores the integer keys of nnx.List entries (U-Net blocks) as strings; match by string form.
   target = jax.tree.map(
       lambda m, s: jax.ShapeDtypeStruct(tuple(m.shape), DTYPES[dtype] if dtype else np.dtype(m.dtype), sharding=s),
-      on_disk, shardings)
+      on_disk, string_keys(shardings))
   ctx = ocp.Context()
   ctx.pytree.loading.partial_load = True
   with ctx:
     restored = ocp.load(p / PARAMS_DIR, _wrap(target, subtree))
-  return _select(restored, subtree, "restored tree")
+  return keys_like(_select(restored, subtree, "restored tree"), expected)
 
 
 def count_params(tree) -> int:

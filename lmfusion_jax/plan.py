@@ -8,10 +8,10 @@ reports per-device memory (`memory_analysis`) and cost (`cost_analysis`: flops, 
 How the compiler's figures are read:
   memory  from the run's own compile (scanned layers are fine for memory).
   cost    a scanned loop body is counted ONCE, so cost figures come from unrolled compiles: either the full
-          unrolled model (cost_mode="unrolled", exact, slow for 8B) or the model unrolled at 1 and 2 layers
-          and extrapolated linearly, c(L) = c(1) + (L - 1) * (c(2) - c(1)) (cost_mode="scaled", fast; every
-          layer is the same program, so this is exact up to compiler choices; shown to agree in tests and
-          benchmarks/plan_table.py).
+          unrolled model (cost_mode="unrolled", exact, slow for 8B) or the model unrolled at 2
+          and 3 layers and extrapolated linearly, c(L) = c(2) + (L - 2) * (c(3) - c(2)) (cost_mode="scaled",
+          fast; every layer is the same program, so FLOPs are exact and the time estimate close; shown to
+          agree in tests and benchmarks/plan_table.py).
   MFU     model FLOPs / (step time x peak FLOP/s x chips), with the step time = the compiler's estimate.
           Two model-FLOPs conventions are reported:
             "6ND+attn": 6 x active params x tokens + attention (the usual convention; every token counted as
@@ -34,12 +34,13 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from lmfusion_jax import flops as flops_lib
 from lmfusion_jax import optim, sharding
 from lmfusion_jax import train_step as ts
 from lmfusion_jax.data import batch as batch_lib
+from lmfusion_jax.models import sharded
 from lmfusion_jax.models.config import FusionConfig, LlamaConfig
 from lmfusion_jax.run_config import model_configs
 
@@ -202,49 +203,107 @@ def abstract_batch(data_cfg, fcfg: FusionConfig, mesh: Mesh) -> dict:
           for k, (s, d) in shapes.items()}
 
 
+def _key_name(k) -> str:
+  return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def opt_state_shardings(tx, trainable: dict, trainable_shardings: dict, mesh: Mesh):
+  """Optimizer-state shardings: every leaf that mirrors a parameter (Adam's mu/nu: same key-path suffix and
+  shape) takes that parameter's sharding; counts and other scalars are replicated. (Letting XLA choose the
+  outputs of a jitted tx.init replicates the whole state on every device.)"""
+  params = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(trainable)[0]:
+    params[tuple(_key_name(k) for k in path)] = x.shape
+  shard = {tuple(_key_name(k) for k in path): s
+           for path, s in jax.tree_util.tree_flatten_with_path(trainable_shardings)[0]}
+  replicated = NamedSharding(mesh, P())
+
+  def one(path, leaf):
+    names = tuple(_key_name(k) for k in path)
+    for start in range(len(names)):
+      suffix = names[start:]
+      if suffix in params and params[suffix] == leaf.shape:
+        return shard[suffix]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, trainable))
+
+
+def abstract_train_state(spec: ts.StepSpec, tx, mesh: Mesh) -> dict:
+  """ShapeDtypeStructs (with shardings) of the whole train state on `mesh`; nothing is allocated."""
+  params = sharded.abstract_params(spec.lcfg, spec.fcfg, mesh)
+  trainable = {b: params[b] for b in spec.trainable}
+  opt_sh = opt_state_shardings(tx, trainable, {b: jax.tree.map(lambda x: x.sharding, trainable[b])
+                                               for b in spec.trainable}, mesh)
+  opt = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                     jax.eval_shape(tx.init, trainable), opt_sh)
+  replicated = NamedSharding(mesh, P())
+  return {"params": params, "opt_state": opt,
+          "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+          "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)}
+
+
 def compile_train_step(cfg, mesh: Mesh, lcfg: Optional[LlamaConfig] = None):
-  """(compiled train step, abstract state) of the run `cfg` on `mesh`, from shapes only. `lcfg` replaces the
-  config's model (used for the unrolled cost compiles)."""
+  """(compiled train step, abstract state) of the run `cfg` on `mesh`, from shapes only: the real
+  `train_step.make_train_step`, jitted with explicit state/batch shardings and the state donated, as
+  `train_step.jit_train_step` does. `lcfg` replaces the config's model (the unrolled cost compiles)."""
   cfg_l, fcfg, dcfg = model_configs(cfg)
   lcfg = lcfg or cfg_l
   spec = ts.StepSpec(lcfg, fcfg, dcfg, optim.trainable_branches(cfg.optim), int(cfg.optim.accum_steps))
   tx = optim.make_optimizer(cfg.optim, cfg.total_steps)
-  state = ts.abstract_state(spec, tx, mesh)
+  state = abstract_train_state(spec, tx, mesh)
   batch = abstract_batch(cfg.data, fcfg, mesh)
-  step = ts.jit_train_step(spec, tx, mesh, batch, optim.schedules(cfg.optim, cfg.total_steps))
+  state_sh = jax.tree.map(lambda x: x.sharding, state)
+  step = jax.jit(ts.make_train_step(spec, tx, optim.schedules(cfg.optim, cfg.total_steps)),
+                 in_shardings=(state_sh, ts.batch_shardings(mesh, batch)),
+                 out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
   with jax.set_mesh(mesh):
     compiled = step.lower(state, batch).compile()
   return compiled, state
 
 
 def _cost(compiled) -> dict:
+  """Per-device cost figures of a compiled step. libtpu 0.0.42's estimate charges -1 s for every
+  `ConcatBitcast` custom call (they appear in unrolled compiles, stacking per-layer weight gradients): we
+  add those seconds back and keep the raw figure."""
   ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):
     ca = ca[0]
   ca = ca or {}
-  return {"flops": float(ca.get("flops", 0.0)), "optimal_seconds": ca.get("optimal_seconds"),
+  raw = ca.get("optimal_seconds")
+  seconds = raw
+  if raw is not None:
+    n_unknown = compiled.as_text().count('custom_call_target="ConcatBitcast"')
+    seconds = raw + n_unknown if raw < 0 else raw
+    if seconds <= 0:
+      seconds = None
+  return {"flops": float(ca.get("flops", 0.0)), "optimal_seconds": seconds, "optimal_seconds_raw": raw,
           "bytes_accessed": float(ca.get("bytes accessed", 0.0))}
 
 
 def step_cost(cfg, mesh: Mesh, mode: str = "scaled", compiled=None) -> dict:
-  """Per-device cost figures of one step with every layer counted (see the module docstring)."""
+  """Per-device cost figures of one step with every layer counted (see the module docstring). "scaled"
+  extrapolates from unrolled 2- and 3-layer compiles (a 1-layer compile lacks the cross-layer weight
+  stacking every deeper model has)."""
   lcfg, _, _ = model_configs(cfg)
   if not lcfg.scan_layers and compiled is not None:
     return {**_cost(compiled), "source": "the run's compile (layers unrolled)"}
-  if mode == "unrolled":
+  if mode == "unrolled" or (mode == "scaled" and lcfg.n_layers <= 3):
     c, _ = compile_train_step(cfg, mesh, lcfg.replace(scan_layers=False))
     return {**_cost(c), "source": f"unrolled compile ({lcfg.n_layers} layers)"}
   if mode == "scaled":
-    c1 = _cost(compile_train_step(cfg, mesh, lcfg.replace(scan_layers=False, n_layers=1))[0])
     c2 = _cost(compile_train_step(cfg, mesh, lcfg.replace(scan_layers=False, n_layers=2))[0])
-    extra = lcfg.n_layers - 1
-    out = {k: c1[k] + extra * (c2[k] - c1[k]) for k in ("flops", "bytes_accessed")}
-    if c1["optimal_seconds"] is not None and c2["optimal_seconds"] is not None:
-      out["optimal_seconds"] = c1["optimal_seconds"] + extra * (c2["optimal_seconds"] - c1["optimal_seconds"])
+    c3 = _cost(compile_train_step(cfg, mesh, lcfg.replace(scan_layers=False, n_layers=3))[0])
+    extra = lcfg.n_layers - 2
+    out = {k: c2[k] + extra * (c3[k] - c2[k]) for k in ("flops", "bytes_accessed")}
+    if c2["optimal_seconds"] is not None and c3["optimal_seconds"] is not None:
+      out["optimal_seconds"] = c2["optimal_seconds"] + extra * (c3["optimal_seconds"] - c2["optimal_seconds"])
     else:
       out["optimal_seconds"] = None
-    out["per_layer_flops"] = c2["flops"] - c1["flops"]
-    out["source"] = "unrolled 1- and 2-layer compiles, extrapolated per layer"
+    out["per_layer_flops"] = c3["flops"] - c2["flops"]
+    out["per_layer_seconds"] = (None if out["optimal_seconds"] is None
+                                else c3["optimal_seconds"] - c2["optimal_seconds"])
+    out["source"] = "unrolled 2- and 3-layer compiles, extrapolated per layer"
     return out
   if mode == "none":
     return {"flops": None, "optimal_seconds": None, "bytes_accessed": None, "source": "not computed"}
@@ -369,7 +428,7 @@ def plan(cfg, topology: str, num_slices: int = 1, cost_mode: str = "scaled") -> 
 
 
 def _gib(x: float) -> str:
-  return f"{x / GIB:.2f} GiB"
+  return f"{x / GIB:.2f} GiB" if abs(x) >= 0.1 * GIB else f"{x / 2 ** 20:.1f} MiB"
 
 
 def _pct(x) -> str:

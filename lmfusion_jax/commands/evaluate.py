@@ -13,7 +13,6 @@ cfg_scale, eta, clip_x0, seed, noise_seed, timesteps, caption_max_new_tokens, va
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 ACCEPTS_CONFIG_OVERRIDES = True
