@@ -9,21 +9,21 @@ from lmfusion_jax.run_config import base_config
 
 def get_config(arg: str = ""):
   c = base_config()
-  c.total_steps = 3000
+  c.total_steps = 2000
   c.log_every = 100
-  c.save_every = 1000
-  c.keep_checkpoints = 1
-  c.model = dict(preset="tiny", vocab_size=512, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=32,
-                 ffn_dim=384, max_seq_len=512, param_dtype="float32", dtype="float32")
+  c.save_every = 500
+  c.keep_checkpoints = 4
+  c.model = dict(preset="tiny", vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                 ffn_dim=256, max_seq_len=512, param_dtype="float32", dtype="float32")
   c.fusion.separation = "deep"
   c.fusion.image_io = "unet"
   c.fusion.latent_size = 8
   c.fusion.latent_channels = 1
   c.fusion.patch_size = 2
-  c.fusion.unet_channels = (64, 128)
+  c.fusion.unet_channels = (32, 64)
   c.fusion.unet_blocks = 1
   c.fusion.unet_groups = 8
-  c.fusion.time_embed_dim = 128
+  c.fusion.time_embed_dim = 64
   c.fusion.boi_id = -1
   c.fusion.eoi_id = -1
   c.optim.image_lr = 2e-3
@@ -35,7 +35,7 @@ def get_config(arg: str = ""):
   c.data.text_len = 32
   c.data.image_slots = 2
   c.data.tokens_per_image = 16
-  c.data.global_batch_size = 32
+  c.data.global_batch_size = 16
   from lmfusion_jax.evaluate import default_eval_config
   c.eval = default_eval_config()
   c.eval.num_examples = 300
@@ -43,18 +43,14 @@ def get_config(arg: str = ""):
   c.eval.sampling_steps = 50
   c.demo = dict(
       tokenizer_vocab=512,
-      text_steps=600, text_batch=32, text_seq_len=64, text_lr=3e-3,
+      text_steps=200, text_batch=32, text_seq_len=64, text_lr=3e-3,
       samples_per_digit=10, sample_steps=50, sampler="ddim", cfg_scale=1.0,
   )
   if arg == "ci":
     c.total_steps = 30
     c.log_every = 10
     c.save_every = 30
-    c.model.dim = 64
-    c.model.n_layers = 2
     c.model.ffn_dim = 128
-    c.fusion.unet_channels = (32, 64)
-    c.fusion.time_embed_dim = 64
     c.data.global_batch_size = 8
     c.demo.text_steps = 30
     c.demo.samples_per_digit = 2

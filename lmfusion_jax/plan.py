@@ -243,9 +243,9 @@ def abstract_train_state(spec: ts.StepSpec, tx, mesh: Mesh) -> dict:
           "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)}
 
 
-def compile_train_step(cfg, mesh: Mesh, lcfg: Optional[LlamaConfig] = None):
-  """(compiled train step, abstract state) of the run `cfg` on `mesh`, from shapes only: the real
-  `train_step.make_train_step`, jitted with explicit state/batch shardings and the state donated, as
+def lower_train_step(cfg, mesh: Mesh, lcfg: Optional[LlamaConfig] = None):
+  """(lowered train step, abstract state, abstract batch) of the run `cfg` on `mesh`, from shapes only: the
+  real `train_step.make_train_step`, jitted with explicit state/batch shardings and the state donated, as
   `train_step.jit_train_step` does. `lcfg` replaces the config's model (the unrolled cost compiles)."""
   cfg_l, fcfg, dcfg = model_configs(cfg)
   lcfg = lcfg or cfg_l
@@ -258,8 +258,26 @@ def compile_train_step(cfg, mesh: Mesh, lcfg: Optional[LlamaConfig] = None):
                  in_shardings=(state_sh, ts.batch_shardings(mesh, batch)),
                  out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
   with jax.set_mesh(mesh):
-    compiled = step.lower(state, batch).compile()
-  return compiled, state
+    lowered = step.lower(state, batch)
+  return lowered, state, batch
+
+
+def compile_train_step(cfg, mesh: Mesh, lcfg: Optional[LlamaConfig] = None):
+  """(compiled train step, abstract state); see lower_train_step."""
+  lowered, state, _ = lower_train_step(cfg, mesh, lcfg)
+  with jax.set_mesh(mesh):
+    return lowered.compile(), state
+
+
+_OOM = re.compile(r"required for HLO temporaries \(([\d.]+)([KMGT]?)\)")
+
+
+def _out_of_memory_temp_bytes(message: str) -> Optional[int]:
+  """The temporaries size from the TPU compiler's out-of-HBM error, e.g. '... HLO temporaries (20.81G)'."""
+  m = _OOM.search(message)
+  if not m:
+    return None
+  return int(float(m.group(1)) * {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[m.group(2)])
 
 
 def _cost(compiled) -> dict:
@@ -379,10 +397,11 @@ class PlanReport:
   hardware_flops_utilization: Optional[float]
   peak_flops_per_chip: float
   cost_source: str
+  compiler_message: str = ""   # the compiler's out-of-memory error, when it refused the program
 
   @property
   def fits(self) -> bool:
-    return self.hbm_need_bytes <= self.hbm_capacity_bytes
+    return not self.compiler_message and self.hbm_need_bytes <= self.hbm_capacity_bytes
 
   def to_dict(self) -> dict:
     return {**dataclasses.asdict(self), "fits": self.fits}
@@ -396,13 +415,29 @@ def plan(cfg, topology: str, num_slices: int = 1, cost_mode: str = "scaled") -> 
   devices = topology_devices(topo, num_slices)
   mesh = make_plan_mesh(cfg.mesh, devices, num_slices)
   lcfg, fcfg, _ = model_configs(cfg)
-  compiled, state = compile_train_step(cfg, mesh)
-  mem = compiled.memory_analysis()
-  memory = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
-            for k in ("argument", "output", "alias", "temp", "generated_code")}
+  lowered, state, batch = lower_train_step(cfg, mesh)
+  compiler_message = ""
+  try:
+    with jax.set_mesh(mesh):
+      compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    # The TPU compiler refuses programs whose temporaries exceed HBM: that is a "does not fit" answer.
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    compiled, compiler_message = None, str(e).splitlines()[0]
+  if compiled is not None:
+    mem = compiled.memory_analysis()
+    memory = {k: int(getattr(mem, f"{k}_size_in_bytes", 0) or 0)
+              for k in ("argument", "output", "alias", "temp", "generated_code")}
+  else:
+    args = _per_device_bytes(state) + _per_device_bytes(batch)
+    temp = _out_of_memory_temp_bytes(compiler_message)
+    memory = {"argument": args, "output": 0, "alias": 0, "generated_code": 0,
+              "temp": temp if temp is not None else topo.hbm_bytes - args + 1}
   need = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"] + memory["generated_code"]
   n_dev = len(devices)
-  cost = step_cost(cfg, mesh, cost_mode, compiled) if need <= topo.hbm_bytes else step_cost(cfg, mesh, "none")
+  fits = compiled is not None and need <= topo.hbm_bytes
+  cost = step_cost(cfg, mesh, cost_mode, compiled) if fits else step_cost(cfg, mesh, "none")
   text_trainable = "text" in optim.trainable_branches(cfg.optim)
   io = image_io_flops_per_image(lcfg, fcfg) if cfg.data.image_slots else 0.0
   mflops = model_flops(lcfg, fcfg, cfg.data, text_trainable, io)
@@ -424,7 +459,7 @@ def plan(cfg, topology: str, num_slices: int = 1, cost_mode: str = "scaled") -> 
       compiled_flops_per_step=compiled_flops, model_flops=mflops, step_time_s=step_s,
       tokens_per_s=tokens / step_s if step_s else None, mfu_6nd_attn=util(mflops["six_nd_attn"]),
       mfu_required=util(mflops["required"]), hardware_flops_utilization=util(compiled_flops),
-      peak_flops_per_chip=peak, cost_source=cost["source"])
+      peak_flops_per_chip=peak, cost_source=cost["source"], compiler_message=compiler_message)
 
 
 def _gib(x: float) -> str:
@@ -448,6 +483,8 @@ def format_report(r: PlanReport) -> str:
       f"    parameters {_gib(r.param_bytes_per_device)}, optimizer state {_gib(r.opt_state_bytes_per_device)}"
       f" per chip",
   ]
+  if r.compiler_message:
+    lines.append(f"    (the TPU compiler refused the program: {r.compiler_message})")
   mf = r.model_flops
   if r.compiled_flops_per_step is not None:
     lines.append(f"  FLOPs per step: compiled {r.compiled_flops_per_step:.4g} ({r.cost_source}); model "

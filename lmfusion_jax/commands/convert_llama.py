@@ -85,7 +85,7 @@ def convert(hf_dir, out, *, dtype: Optional[str] = None,
   n = 0
   with params_io.ParamsWriter(out, cfg, fusion_cfg, overwrite=overwrite,
                               chunk_bytes=chunk_mib * 2**20 if chunk_mib > 0 else None) as w:
-    final_norm = None
+    final_norm, embed_rms = None, None
     for path, arr in hf_llama.iter_text_leaves(ckpt, cfg, dtype):
       tree = {"text": hf_llama.nest({path: arr})}
       name = path.split("/")[-1]
@@ -94,11 +94,14 @@ def convert(hf_dir, out, *, dtype: Optional[str] = None,
         tree["image"] = {"layers": {name: arr}}  # the LMFusion init: an exact copy of the text weight
       if path == "final_norm":
         final_norm = arr
+      if path == "embed":
+        from lmfusion_jax.models.fusion import embed_rms as rms_of
+        embed_rms = rms_of(arr)  # the image tokens' scale (see fusion.match_token_scale)
       w.write(tree)
       n += arr.size * (2 if "image" in tree else 1)
       del tree, arr
     if fusion_cfg is not None:
-      image = _image_rest(cfg, fusion_cfg, final_norm, seed)
+      image = _image_rest(cfg, fusion_cfg, final_norm, embed_rms, seed)
       w.write({"image": image})
       n += params_io.count_params(image)
   return cfg, fusion_cfg, n
@@ -111,7 +114,7 @@ def _image_layer_keys(fusion_cfg):
   return decoder.IMAGE_LAYER_KEYS[fusion_cfg.separation]
 
 
-def _image_rest(cfg, fusion_cfg, final_norm, seed):
+def _image_rest(cfg, fusion_cfg, final_norm, embed_rms, seed):
   """The image branch minus the layer copies already written: final norm copy and fresh in/out modules.
   With image_init="copy" the layers were streamed; `init_image_params` then only needs the final norm
   (separation="none" asks it for no layer copies). With "random" it draws the layers too."""
@@ -119,10 +122,10 @@ def _image_rest(cfg, fusion_cfg, final_norm, seed):
   from lmfusion_jax.models import fusion
   text_stub = {"layers": {}, "final_norm": final_norm}
   if fusion_cfg.image_init == "copy":
-    image = fusion.init_image_params(cfg, fusion_cfg.replace(separation="none"), text_stub, seed)
+    image = fusion.init_image_params(cfg, fusion_cfg.replace(separation="none"), text_stub, seed, embed_rms)
     image.pop("layers")
   else:
-    image = fusion.init_image_params(cfg, fusion_cfg, text_stub, seed)
+    image = fusion.init_image_params(cfg, fusion_cfg, text_stub, seed, embed_rms)
     if not image["layers"]:
       image.pop("layers")
   return jax.tree.map(np.asarray, image)

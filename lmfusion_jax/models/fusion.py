@@ -54,6 +54,10 @@ class LMFusion(nnx.Module):
     self.image = ImageBranch(lcfg, fcfg, rngs=rngs)
     if fcfg.image_init == "copy":
       copy_text_into_image(self)
+    io_state = nnx.state(self.image.io)
+    nnx.replace_by_pure_dict(io_state, match_token_scale(nnx.to_pure_dict(io_state), fcfg,
+                                                       embed_rms(self.text.embed[...])))
+    nnx.update(self.image.io, io_state)
 
   def __call__(self, tokens, text_positions, text_segment_ids, noisy_latents, timesteps,
                image_positions, image_segment_ids, cache: Optional[decoder.KVCache] = None,
@@ -96,6 +100,24 @@ def copy_text_into_image(model: LMFusion) -> None:
   model.image.final_norm[...] = jnp.array(model.text.final_norm[...], copy=True)
 
 
+# The io parameters that produce image tokens (what enters the residual stream).
+TOKEN_PROJECTIONS = {"unet": ("to_tokens",), "linear": ("patchify", "time_to_embed")}
+
+
+def embed_rms(text_embed) -> jax.Array:
+  return jnp.sqrt(jnp.mean(jnp.square(jnp.asarray(text_embed, jnp.float32))))
+
+
+def match_token_scale(io_params: dict, fcfg: FusionConfig, rms) -> dict:
+  """Scales the freshly initialized token projections so image tokens enter the residual stream at the
+  RMS of the text embeddings (a Llama's embeddings are ~0.01-0.02 per dim; unit-scale image tokens would
+  drown every layer's update and the caption's influence on the image). Pure; returns a new dict."""
+  out = dict(io_params)
+  for name in TOKEN_PROJECTIONS[fcfg.image_io]:
+    out[name] = {k: (v * rms).astype(v.dtype) for k, v in io_params[name].items()}
+  return out
+
+
 def abstract_model(lcfg: LlamaConfig, fcfg: FusionConfig) -> LMFusion:
   """The model with ShapeDtypeStruct leaves (no memory), for shardings and restore targets.
 
@@ -104,7 +126,8 @@ def abstract_model(lcfg: LlamaConfig, fcfg: FusionConfig) -> LMFusion:
   return nnx.merge(graphdef, state)
 
 
-def init_image_params(lcfg: LlamaConfig, fcfg: FusionConfig, text_params: dict, seed: int = 0) -> dict:
+def init_image_params(lcfg: LlamaConfig, fcfg: FusionConfig, text_params: dict, seed: int = 0,
+                      text_embed_rms=None) -> dict:
   """Pure-dict `image` branch for given `text` params: copies of the text layers (or random ones when
   fcfg.image_init == "random") and a fresh io module. Does not build a second text tower."""
   rngs = nnx.Rngs(seed)
@@ -114,4 +137,6 @@ def init_image_params(lcfg: LlamaConfig, fcfg: FusionConfig, text_params: dict, 
   else:
     layers = nnx.to_pure_dict(nnx.state(LayerStack(lcfg, keys, rngs=rngs)))
   io = nnx.to_pure_dict(nnx.state(make_image_io(lcfg, fcfg, rngs=rngs)))
+  rms = embed_rms(text_params["embed"]) if text_embed_rms is None else text_embed_rms
+  io = match_token_scale(io, fcfg, rms)
   return {"layers": layers, "final_norm": jnp.array(text_params["final_norm"], copy=True), "io": io}
