@@ -1,42 +1,24 @@
 r"""The built-in demo on the embedded digits data (CPU, minutes): text LM pretraining -> HF export ->
-convert-llama -> LMFusion training with the text frozen -> eval -> report.
+convert-llama -> LMFusion training with the text frozen -> eval -> report. The tiny config, trained longer.
 
-  lmfusion-jax demo --workdir /tmp/lmfusion-demo            # full demo (target: < 15 min on 2 CPU cores)
+  lmfusion-jax demo --workdir /tmp/lmfusion-demo            # full demo
   lmfusion-jax demo --workdir /tmp/demo-ci --config configs/demo_digits.py:ci   # CI-sized smoke run
 """
-from lmfusion_jax.run_config import base_config
+from configs import tiny
+from lmfusion_jax.evaluate import default_eval_config
 
 
 def get_config(arg: str = ""):
-  c = base_config()
+  c = tiny.get_config()
   c.total_steps = 2000
   c.log_every = 100
   c.save_every = 500
   c.keep_checkpoints = 4
-  c.model = dict(preset="tiny", vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                 ffn_dim=256, max_seq_len=512, param_dtype="float32", dtype="float32")
-  c.fusion.separation = "deep"
-  c.fusion.image_io = "unet"
-  c.fusion.latent_size = 8
-  c.fusion.latent_channels = 1
-  c.fusion.patch_size = 2
-  c.fusion.unet_channels = (32, 64)
-  c.fusion.unet_blocks = 1
-  c.fusion.unet_groups = 8
-  c.fusion.time_embed_dim = 64
-  c.fusion.boi_id = -1
-  c.fusion.eoi_id = -1
+  c.model.ffn_dim = 256
   c.optim.image_lr = 2e-3
   c.optim.image_final_lr = 1e-4
   c.optim.warmup_steps = 100
-  c.optim.weight_decay = 0.0
-  c.data.dataset = "digits"
-  c.data.image_size = 8
-  c.data.text_len = 32
-  c.data.image_slots = 2
-  c.data.tokens_per_image = 16
   c.data.global_batch_size = 16
-  from lmfusion_jax.evaluate import default_eval_config
   c.eval = default_eval_config()
   c.eval.num_examples = 300
   c.eval.samples_per_class = 10

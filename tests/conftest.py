@@ -12,6 +12,10 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+# Identical programs (the same tiny train/eval steps) compile once across tests and their subprocesses.
+_CACHE = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "/tmp/lmfusion-jax-test-compilation-cache")
+jax.config.update("jax_compilation_cache_dir", _CACHE)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def pytest_configure(config):
@@ -60,3 +64,15 @@ def make_tiny_config(tokenizer_dir, data_dir, workdir):
 @pytest.fixture
 def tiny_config(tokenizer_dir, digits_data_dir, tmp_path):
   return make_tiny_config(tokenizer_dir, digits_data_dir, tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def frozen_run(tokenizer_dir, digits_data_dir, tmp_path_factory):
+  """The default recipe (text frozen) trained 4 steps through the real loop on an fsdp=4 x tensor=2 mesh,
+  checkpoints at steps 2 and 4. Shared by the training and evaluation tests (read-only)."""
+  from lmfusion_jax.train import train
+  cfg = make_tiny_config(tokenizer_dir, digits_data_dir, tmp_path_factory.mktemp("frozen") / "run")
+  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 4, 2
+  cfg.total_steps, cfg.save_every = 4, 2
+  metrics = train(cfg)
+  return cfg, metrics

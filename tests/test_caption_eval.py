@@ -14,7 +14,6 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from conftest import make_tiny_config
 from lmfusion_jax import caption as cap, cli, diffusion, evaluate as ev, generate_image as gi, params_io, sharding
 from lmfusion_jax.data.sequences import layout_document
 from test_sampling import tiny_model
@@ -144,19 +143,15 @@ EVAL_OVERRIDES = ["--config.eval.num_examples=12", "--config.eval.samples_per_cl
 
 
 @pytest.mark.slow
-def test_eval_of_8_device_checkpoint_on_1_device_gives_same_numbers(tokenizer_dir, digits_data_dir, tmp_path):
-  from lmfusion_jax.train import train
-  cfg = make_tiny_config(tokenizer_dir, digits_data_dir, tmp_path / "run")
-  cfg.data.data_dir = digits_data_dir
-  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 4, 2
-  cfg.total_steps, cfg.save_every = 2, 2
-  train(cfg)
+def test_eval_of_8_device_checkpoint_on_1_device_gives_same_numbers(tokenizer_dir, digits_data_dir, frozen_run):
+  cfg, _ = frozen_run  # trained on an fsdp=4 x tensor=2 mesh, checkpoints at steps 2 and 4
+  assert (cfg.mesh.fsdp, cfg.mesh.tensor) == (4, 2)
   on_8 = ev.evaluate(cfg.workdir, cfg, EVAL_OVERRIDES, mesh=sharding.make_mesh(fsdp=4, tensor=2))
 
   config_args = [f"--config.data.data_dir={digits_data_dir}", f"--config.data.tokenizer_dir={tokenizer_dir}"]
   env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run([sys.executable, "-m", "lmfusion_jax.cli", "eval", "--checkpoint",
-                         os.path.join(cfg.workdir, "checkpoints", "2"), "--config", "configs/tiny.py",
+                         os.path.join(cfg.workdir, "checkpoints", "4"), "--config", "configs/tiny.py",
                          *config_args, *EVAL_OVERRIDES], cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]

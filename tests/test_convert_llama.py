@@ -19,24 +19,7 @@ from lmfusion_jax.convert import hf_llama
 from lmfusion_jax.models import fusion
 from lmfusion_jax.models.config import FusionConfig
 
-VOCAB = 300
-
-
-def make_hf_llama(path, dtype=torch.float32, seed=0, max_shard_size=None, **overrides):
-  torch.manual_seed(seed)
-  kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0, initializer_range=0.08,
-            bos_token_id=1, eos_token_id=2)
-  kw.update(overrides)
-  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("norm.weight"):
-        p.copy_(1.0 + 0.3 * torch.randn_like(p))
-  model = model.to(dtype)
-  extra = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
-  model.save_pretrained(path, safe_serialization=True, **extra)
-  return model
+from hf_models import VOCAB, make_hf_llama
 
 
 def read_all_safetensors(path):

@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from lmfusion_jax import cli, generate as gen, params_io
 from lmfusion_jax.commands import convert_llama
 
-VOCAB = 300
+from hf_models import VOCAB, make_hf_llama
 CORPUS = ["the quick brown fox jumps over the lazy dog", "a cat sat on the mat and looked at the dog",
           "pack my box with five dozen liquor jugs", "how vexingly quick daft zebras jump"] * 20
 
@@ -33,21 +33,11 @@ def make_tokenizer(path):
   return fast
 
 
-def make_hf_llama(path):
-  torch.manual_seed(0)
-  cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                                 initializer_range=0.08, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-  model = transformers.LlamaForCausalLM(cfg).eval()
-  model.save_pretrained(path, safe_serialization=True)
-  return model
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("gen")
   tok = make_tokenizer(root / "tok")
-  hf = make_hf_llama(root / "hf")
+  hf = make_hf_llama(root / "hf", random_norms=False, rms_norm_eps=1e-6, pad_token_id=0)
   convert_llama.convert(root / "hf", root / "ckpt")
   return tok, hf, root
 

@@ -12,7 +12,7 @@ from flax import nnx
 from lmfusion_jax import generate as gen
 from lmfusion_jax.convert import hf_llama
 
-VOCAB = 300
+from hf_models import VOCAB, make_hf_llama
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 32}
 VARIANTS = {
@@ -21,23 +21,6 @@ VARIANTS = {
     "llama3_rope": dict(num_attention_heads=4, num_key_value_heads=2, rope_scaling=LLAMA3_ROPE),
     "tied": dict(num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=True),
 }
-
-
-def make_hf_llama(path, seed=0, **overrides):
-  """A tiny random LlamaForCausalLM saved as safetensors. Weights are drawn wider than HF's default init
-  (and norms are not ones) so logits are O(1) and a mapping error cannot hide below the tolerance."""
-  torch.manual_seed(seed)
-  kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, rope_theta=10000.0, rms_norm_eps=1e-5,
-            initializer_range=0.08, bos_token_id=1, eos_token_id=2)
-  kw.update(overrides)
-  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw)).eval()
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if name.endswith("norm.weight"):
-        p.copy_(1.0 + 0.3 * torch.randn_like(p))
-  model.save_pretrained(path, safe_serialization=True)
-  return model
 
 
 @pytest.fixture(scope="module")

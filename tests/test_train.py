@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import make_tiny_config
 from lmfusion_jax import checkpoint as ckpt_lib
 from lmfusion_jax import flops as flops_lib
 from lmfusion_jax import optim, sharding, train_step as ts
@@ -46,16 +45,6 @@ def example_batch(cfg, mesh):
 def assert_trees_equal(a, b):
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-
-
-@pytest.fixture(scope="module")
-def frozen_run(tokenizer_dir, digits_data_dir, tmp_path_factory):
-  """The default recipe (text frozen) trained 4 steps through the real loop on an fsdp=4 x tensor=2 mesh."""
-  cfg = make_tiny_config(tokenizer_dir, digits_data_dir, tmp_path_factory.mktemp("frozen") / "run")
-  cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 4, 2
-  cfg.total_steps = 4
-  metrics = train(cfg)
-  return cfg, metrics
 
 
 def test_frozen_text_is_bitwise_unchanged_and_has_no_optimizer_state(frozen_run):

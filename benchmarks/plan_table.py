@@ -1,0 +1,95 @@
+"""The `plan` table: Llama-3-8B LMFusion vs the dense (Transfusion-style) baseline on v5p-64/128/256.
+
+  python benchmarks/plan_table.py [--cost scaled|unrolled] [--out DIR] [--topologies v5p-64 v5p-128 ...]
+                                  [--variant NAME --config.k=v ...]
+
+Each cell is one `lmfusion-jax plan --json` run in its own process (an 8B compile takes ~1-4 minutes and
+~9 GB RAM on a 2-core host; runs go one at a time). Results are kept as JSON under --out, so an interrupted
+table resumes where it stopped; `--variant NAME --config.k=v ...` plans a variant (e.g. another remat
+policy or mesh) with those overrides applied to every config. Needs libtpu (`pip install '.[tpu]'`).
+Prints a markdown table: HBM need per chip, compiled FLOPs per step, the compiler's step-time estimate,
+tokens/s per chip and the MFU estimates (6ND + attention, and the FLOPs the step actually requires).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+CONFIGS = {"LMFusion (deep, text frozen)": "configs/llama3_8b_lmfusion.py",
+           "dense baseline (all trained)": "configs/llama3_8b_dense.py"}
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def plan_one(config: str, topology: str, cost: str, overrides: list, out_file: pathlib.Path) -> dict:
+  if out_file.exists():
+    return json.loads(out_file.read_text())
+  preset = f"{config}:{topology}"
+  cmd = [sys.executable, "-m", "lmfusion_jax.cli", "plan", "--config", preset, "--topology", topology,
+         "--cost", cost, "--json", *overrides]
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  t0 = time.time()
+  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+  if proc.returncode not in (0, 1) or not proc.stdout.strip():
+    raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  result["plan_wall_s"] = time.time() - t0
+  tmp = out_file.with_suffix(".tmp")
+  tmp.write_text(json.dumps(result, sort_keys=True))
+  tmp.rename(out_file)
+  return result
+
+
+def _f(x, fmt):
+  return "n/a" if x is None else format(x, fmt)
+
+
+def table(rows) -> str:
+  head = ("| model | slice | chips | HBM need / chip | fits | compiled FLOPs/step | 6ND+attn FLOPs/step | "
+          "est. step time | tokens/s/chip | MFU (6ND+attn) | MFU (required FLOPs) |")
+  lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+  for name, r in rows:
+    mf = r["model_flops"]
+    lines.append(
+        f"| {name} | {r['topology']} | {r['chips']} | {r['hbm_need_bytes'] / 2**30:.1f} / "
+        f"{r['hbm_capacity_bytes'] / 2**30:.0f} GiB | {'yes' if r['fits'] else 'NO'} | "
+        f"{_f(r['compiled_flops_per_step'], '.3e')} | {mf['six_nd_attn']:.3e} | "
+        f"{_f(r['step_time_s'], '.2f')} s | "
+        f"{_f(r['tokens_per_s'] and r['tokens_per_s'] / r['chips'], ',.0f')} | "
+        f"{_f(r['mfu_6nd_attn'], '.1%')} | {_f(r['mfu_required'], '.1%')} |")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--topologies", nargs="+", default=["v5p-64", "v5p-128", "v5p-256"])
+  p.add_argument("--configs", nargs="+", default=list(CONFIGS.values()))
+  p.add_argument("--cost", default="scaled", choices=("scaled", "unrolled"))
+  p.add_argument("--out", default=str(REPO / "benchmarks" / "plan_results"))
+  p.add_argument("--variant", default="", help="a name for the overrides that follow (kept apart in --out)")
+  args, overrides = p.parse_known_args(argv)
+  bad = [o for o in overrides if not o.startswith("--config.")]
+  if bad:
+    p.error(f"unrecognized arguments: {bad}")
+  if overrides and not args.variant:
+    p.error("config overrides need --variant NAME (results are cached per variant)")
+  out = pathlib.Path(args.out)
+  out.mkdir(parents=True, exist_ok=True)
+  names = {v: k for k, v in CONFIGS.items()}
+  rows = []
+  for config in args.configs:
+    for topo in args.topologies:
+      stem = f"{pathlib.Path(config).stem}__{topo}__{args.cost}" + (f"__{args.variant}" if args.variant else "")
+      r = plan_one(config, topo, args.cost, overrides, out / f"{stem}.json")
+      print(f"# {config} on {topo}: done ({r.get('plan_wall_s', 0):.0f} s)", file=sys.stderr, flush=True)
+      rows.append((names.get(config, config) + (f" [{args.variant}]" if args.variant else ""), r))
+  print(table(rows))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
