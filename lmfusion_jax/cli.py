@@ -15,6 +15,8 @@ COMMANDS = {
     "train": ("lmfusion_jax.commands.train", "train LMFusion (image side; text frozen by default)"),
     "convert-llama": ("lmfusion_jax.commands.convert_llama",
                       "Hugging Face Llama safetensors -> params checkpoint (text + initialized image branch)"),
+    "convert-vae": ("lmfusion_jax.commands.convert_vae",
+                    "diffusers AutoencoderKL (safetensors) -> Flax VAE checkpoint"),
     "export-llama": ("lmfusion_jax.commands.export_llama",
                      "text branch of a params checkpoint -> Hugging Face Llama folder"),
     "generate": ("lmfusion_jax.commands.generate_text",
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
   args.overrides = extra
   try:
     return int(module.run(args) or 0)
-  except (UserError, ValueError, FileNotFoundError) as e:
+  except (UserError, ValueError, FileNotFoundError, FileExistsError) as e:
     # ValueError subclasses carry our input errors (ConfigError, BatchError, ConversionError, ...).
     print(f"lmfusion-jax {args.command}: error: {e}", file=sys.stderr)
     return 2

@@ -192,3 +192,20 @@ def test_gradient_accumulation_averages_microbatch_gradients(tiny_config):
     e = np.asarray(e)
     big = np.abs(e) > 1e-6
     assert np.array_equal(np.sign(u[big]), -np.sign(e[big]))
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config):
+  from lmfusion_jax.train import NonFiniteLossError
+  cfg = tiny_config
+  cfg.optim.image_lr = cfg.optim.image_final_lr = 1e30  # the first update blows the image weights up
+  cfg.optim.warmup_steps = 0
+  cfg.optim.grad_clip = 0.0
+  cfg.total_steps, cfg.save_every, cfg.log_every = 6, 1, 100
+  with pytest.raises(NonFiniteLossError, match="non-finite loss .* at step 2"):
+    train(cfg)
+  ck = ckpt_lib.Checkpointer(f"{cfg.workdir}/checkpoints", save_every=1, keep=10)
+  assert ck.all_steps() == [1]
+  spec, tx = resolved(cfg)
+  state = ck.restore(1, ts.abstract_state(spec, tx, sharding.mesh_from_config(cfg.mesh)))
+  ck.close()
+  assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))

@@ -17,7 +17,6 @@ CLI: `lmfusion-jax convert-vae --diffusers-dir DIR --out DIR` (`add_convert_vae_
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -273,35 +272,3 @@ def load_vae(ckpt_dir) -> Tuple[VAEConfig, AutoencoderKL]:
 
 
 # --- CLI ----------------------------------------------------------------------------------------------
-
-def add_convert_vae_parser(subparsers) -> argparse.ArgumentParser:
-  """Adds `convert-vae` to an argparse subparsers object (sets `func=convert_vae_main`)."""
-  p = subparsers.add_parser(
-      "convert-vae",
-      help="convert a diffusers AutoencoderKL folder (safetensors) to a Flax VAE checkpoint",
-      description=(
-          "Convert a diffusers AutoencoderKL folder (config.json + diffusion_pytorch_model.safetensors, e.g. "
-          "a local copy of stabilityai/sd-vae-ft-mse) into the Flax VAE checkpoint that the data pipeline "
-          "(image -> latents) and the sampler (latents -> image) load. Only safetensors are read. The output "
-          "folder is written under a temporary name and renamed, so it is complete or absent."),
-      epilog="example: lmfusion-jax convert-vae --diffusers-dir ~/sd-vae-ft-mse --out gs://bucket/vae")
-  p.add_argument("--diffusers-dir", required=True,
-                 help="folder holding the diffusers config.json and diffusion_pytorch_model.safetensors")
-  p.add_argument("--out", required=True, help="output folder for the Flax VAE checkpoint (must not exist)")
-  p.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
-  p.set_defaults(func=convert_vae_main)
-  return p
-
-
-def convert_vae_main(args: argparse.Namespace) -> int:
-  """Runs `convert-vae`; returns 0, or exits non-zero with the error message on bad input."""
-  try:
-    cfg, vae = load_diffusers_vae(args.diffusers_dir)
-    out = save_vae(vae, cfg, args.out, overwrite=getattr(args, "overwrite", False))
-  except (VAECheckpointError, ConfigError, FileExistsError) as e:
-    raise SystemExit(f"convert-vae: error: {e}") from e
-  n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(vae, nnx.Param)))
-  print(f"convert-vae: wrote {out} ({n:,} parameters, block_out_channels={list(cfg.block_out_channels)}, "
-        f"latent_channels={cfg.latent_channels}, scaling_factor={cfg.scaling_factor}, "
-        f"shift_factor={cfg.shift_factor})")
-  return 0
