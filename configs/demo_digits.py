@@ -25,7 +25,7 @@ def get_config(arg: str = ""):
   c.eval.sampling_steps = 50
   c.demo = dict(
       tokenizer_vocab=512,
-      text_steps=200, text_batch=32, text_seq_len=64, text_lr=3e-3,
+      text_steps=400, text_batch=32, text_seq_len=64, text_lr=3e-3,
       samples_per_digit=10, sample_steps=50, sampler="ddim", cfg_scale=1.0,
   )
   if arg == "ci":

@@ -36,14 +36,33 @@ def prepare_data(cfg, workdir: epath.Path):
   build_dataset("digits", str(data_dir), image_size=int(cfg.data.image_size))
   tok_dir = workdir / "tokenizer"
   if not tok_dir.exists():
-    train_tokenizer(all_captions() * 4, int(cfg.demo.tokenizer_vocab), str(tok_dir))
+    train_tokenizer(all_captions() * 4 + number_sentences(), int(cfg.demo.tokenizer_vocab), str(tok_dir))
   return str(data_dir), str(tok_dir), load_tokenizer(str(tok_dir))
 
 
+def number_sentences() -> list:
+  """Plain text about the numbers zero..nine (counting, arithmetic, numerals vs words), so that the small
+  pretrained LM, like a real Llama, represents each number distinctly; in captions alone the ten number
+  words are interchangeable and the LM would have no reason to tell them apart."""
+  from lmfusion_jax.data.tfds_digits import WORDS
+  out = []
+  for a in range(10):
+    out.append(f"the digit {a} is written as {WORDS[a]}")
+    out.append(f"{WORDS[a]} is the number {a}")
+    if a < 9:
+      out.append(f"after {WORDS[a]} comes {WORDS[a + 1]}")
+      out.append(f"{a} plus one is {a + 1}")
+    for b in range(10 - a):
+      out.append(f"{WORDS[a]} plus {WORDS[b]} is {WORDS[a + b]}")
+  out.append(" ".join(WORDS))
+  return out
+
+
 def text_corpus(data_cfg, split: str) -> list:
-  """Caption texts of a split of the digits data (the text LM's 'web text')."""
+  """The text LM's 'web text': caption texts of a split of the digits data plus number sentences."""
   from lmfusion_jax.evaluate import read_records
-  return [r["caption"] for r in read_records(data_cfg, split)]
+  captions = [r["caption"] for r in read_records(data_cfg, split)]
+  return captions + number_sentences() * max(1, len(captions) // (4 * len(number_sentences())))
 
 
 def pretrain_base_lm(cfg, workdir, tokenizer, mesh) -> str:
