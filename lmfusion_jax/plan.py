@@ -203,37 +203,11 @@ def abstract_batch(data_cfg, fcfg: FusionConfig, mesh: Mesh) -> dict:
           for k, (s, d) in shapes.items()}
 
 
-def _key_name(k) -> str:
-  return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-
-
-def opt_state_shardings(tx, trainable: dict, trainable_shardings: dict, mesh: Mesh):
-  """Optimizer-state shardings: every leaf that mirrors a parameter (Adam's mu/nu: same key-path suffix and
-  shape) takes that parameter's sharding; counts and other scalars are replicated. (Letting XLA choose the
-  outputs of a jitted tx.init replicates the whole state on every device.)"""
-  params = {}
-  for path, x in jax.tree_util.tree_flatten_with_path(trainable)[0]:
-    params[tuple(_key_name(k) for k in path)] = x.shape
-  shard = {tuple(_key_name(k) for k in path): s
-           for path, s in jax.tree_util.tree_flatten_with_path(trainable_shardings)[0]}
-  replicated = NamedSharding(mesh, P())
-
-  def one(path, leaf):
-    names = tuple(_key_name(k) for k in path)
-    for start in range(len(names)):
-      suffix = names[start:]
-      if suffix in params and params[suffix] == leaf.shape:
-        return shard[suffix]
-    return replicated
-
-  return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, trainable))
-
-
 def abstract_train_state(spec: ts.StepSpec, tx, mesh: Mesh) -> dict:
   """ShapeDtypeStructs (with shardings) of the whole train state on `mesh`; nothing is allocated."""
   params = sharded.abstract_params(spec.lcfg, spec.fcfg, mesh)
   trainable = {b: params[b] for b in spec.trainable}
-  opt_sh = opt_state_shardings(tx, trainable, {b: jax.tree.map(lambda x: x.sharding, trainable[b])
+  opt_sh = ts.opt_state_shardings(tx, trainable, {b: jax.tree.map(lambda x: x.sharding, trainable[b])
                                                for b in spec.trainable}, mesh)
   opt = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                      jax.eval_shape(tx.init, trainable), opt_sh)

@@ -99,16 +99,39 @@ def init_opt_state(tx, params: dict, trainable: tuple):
   return tx.init({b: params[b] for b in trainable})
 
 
+def _key_name(k) -> str:
+  return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+
+
+def opt_state_shardings(tx, trainable: dict, trainable_shardings: dict, mesh: Mesh):
+  """Optimizer-state shardings: every leaf that mirrors a parameter (Adam's mu/nu: same key-path suffix and
+  shape) takes that parameter's sharding; counts and other scalars are replicated. (Letting XLA choose the
+  outputs of a jitted tx.init replicates the whole state on every device.)"""
+  params = {}
+  for path, x in jax.tree_util.tree_flatten_with_path(trainable)[0]:
+    params[tuple(_key_name(k) for k in path)] = x.shape
+  shard = {tuple(_key_name(k) for k in path): s
+           for path, s in jax.tree_util.tree_flatten_with_path(trainable_shardings)[0]}
+  replicated = NamedSharding(mesh, P())
+
+  def one(path, leaf):
+    names = tuple(_key_name(k) for k in path)
+    for start in range(len(names)):
+      suffix = names[start:]
+      if suffix in params and params[suffix] == leaf.shape:
+        return shard[suffix]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(one, jax.eval_shape(tx.init, trainable))
+
+
 def state_shardings(spec: StepSpec, tx, mesh: Mesh) -> dict:
   """NamedShardings for the whole train state, derived without allocating anything: parameter shardings
-  from the logical rules; optimizer-state shardings by compiling tx.init on the abstract parameters."""
+  from the logical rules; optimizer moments take their parameter's sharding (opt_state_shardings)."""
   param_sh = sharded.model_shardings(spec.lcfg, spec.fcfg, mesh)
-  abstract = sharded.abstract_params(spec.lcfg, spec.fcfg, mesh)
+  abstract = sharded.abstract_params(spec.lcfg, spec.fcfg)
   trainable = {b: abstract[b] for b in spec.trainable}
-  with jax.set_mesh(mesh):
-    compiled = jax.jit(tx.init, in_shardings=({b: param_sh[b] for b in spec.trainable},)).lower(
-        trainable).compile()
-  opt_sh = compiled.output_shardings
+  opt_sh = opt_state_shardings(tx, trainable, {b: param_sh[b] for b in spec.trainable}, mesh)
   replicated = NamedSharding(mesh, P())
   return {"params": param_sh, "opt_state": opt_sh, "step": replicated, "rng": replicated}
 

@@ -61,6 +61,11 @@ def test_frozen_text_is_bitwise_unchanged_and_has_no_optimizer_state(frozen_run)
   assert opt_paths and not any("text" in p.split("/") for p in opt_paths), opt_paths[:5]
   mu = [p for p in opt_paths if "/mu/" in f"/{p}/"]
   assert len(mu) == len(jax.tree.leaves(state["params"]["image"]))  # Adam moments: image leaves only
+  # ... and each moment is sharded like its parameter (not replicated on every device).
+  q_param = state["params"]["image"]["layers"]["q"]
+  moments = [x for p, x in zip(opt_paths, jax.tree.leaves(state["opt_state"])) if p.endswith("image/layers/q")]
+  assert len(moments) == 2 and q_param.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  assert all(m.sharding.spec == q_param.sharding.spec for m in moments)
 
 
 def test_checkpoint_from_8_devices_restores_on_1_device_and_fsdp8(frozen_run):
