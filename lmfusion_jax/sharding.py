@@ -28,7 +28,7 @@ LOGICAL_RULES: dict = {
     "conv_h": None,
     "conv_w": None,
     "conv_in": None,
-    "conv_out": "tensor",
+    "conv_out": ("tensor", "fsdp"),  # U-Net output channels: the 0.27B U-Net is not replicated per chip
     "patch": None,
     "time": None,
     # activations
