@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import tempfile
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -26,6 +24,7 @@ from flax import nnx  # noqa: E402
 
 from lmfusion_jax import generate as gen  # noqa: E402
 from lmfusion_jax.convert import hf_llama  # noqa: E402
+from timing import timed  # noqa: E402
 
 CONFIGS = {
     "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -34,15 +33,6 @@ CONFIGS = {
                   num_attention_heads=8, num_key_value_heads=2),
 }
 
-
-def timed(fn, repeats):
-  fn()  # warm-up (compilation for JAX)
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def bench(name, batch, seq, repeats):

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -27,6 +25,7 @@ from lmfusion_jax import diffusion, generate_image as gi  # noqa: E402
 from lmfusion_jax.models import sharded  # noqa: E402
 from lmfusion_jax.models.config import FusionConfig, LlamaConfig  # noqa: E402
 from lmfusion_jax.models.fusion import LMFusion  # noqa: E402
+from timing import timed  # noqa: E402
 
 STEPS = (4, 12)
 
@@ -43,15 +42,6 @@ def small_model() -> LMFusion:
                        state)
   return nnx.merge(graphdef, state)
 
-
-def timed(fn, repeats: int) -> float:
-  fn()  # warm-up: compilation
-  times = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - t)
-  return statistics.median(times)
 
 
 def main() -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
@@ -25,16 +23,8 @@ from flax import nnx  # noqa: E402
 from lmfusion_jax import losses  # noqa: E402
 from lmfusion_jax.models.config import LlamaConfig  # noqa: E402
 from lmfusion_jax.models.llama import Llama  # noqa: E402
+from timing import timed  # noqa: E402
 
-
-def timed(fn, repeats):
-  fn()
-  ts = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t0)
-  return statistics.median(ts)
 
 
 def main():
