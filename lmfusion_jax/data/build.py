@@ -7,6 +7,8 @@ host (or beforehand) into a shared `gs://` data dir; readers never build (except
 """
 from __future__ import annotations
 
+from lmfusion_jax.data.tfds_quiet import quiet_download_config
+
 
 def build_dataset(name: str, data_dir: str, **options):
   """Prepares dataset `name` under `data_dir`; returns the (prepared) TFDS builder.
@@ -21,7 +23,7 @@ def build_dataset(name: str, data_dir: str, **options):
     if options:
       raise TypeError(f"build_dataset('digits'): unknown option(s) {sorted(options)} (have: image_size)")
     builder = digits_builder(data_dir, image_size)
-    builder.download_and_prepare()
+    builder.download_and_prepare(download_config=quiet_download_config())
     return builder
   if name == "image_captions":
     from lmfusion_jax.data.tfds_image_captions import build_image_captions

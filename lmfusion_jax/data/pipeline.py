@@ -43,6 +43,8 @@ Data config (`config.data`, an ml_collections ConfigDict; defaults in `default_d
 """
 from __future__ import annotations
 
+from lmfusion_jax.data.tfds_quiet import quiet_download_config
+
 from typing import Iterator, Optional
 
 import grain
@@ -110,7 +112,7 @@ def make_source(data_cfg, split: str, *, process_count: int = 1):
       if not (data_cfg.build_if_missing and process_count == 1):
         raise DataConfigError(f"digits dataset is not prepared under {data_cfg.data_dir!r}; build it "
                               f"first with lmfusion_jax.data.build.build_dataset('digits', ...)")
-      builder.download_and_prepare()
+      builder.download_and_prepare(download_config=quiet_download_config())
   else:
     from lmfusion_jax.data.tfds_image_captions import image_captions_reader
     builder = image_captions_reader(data_cfg.data_dir,

@@ -15,6 +15,8 @@ dataset are fingerprinted, and rebuilding the same name with different options i
 """
 from __future__ import annotations
 
+from lmfusion_jax.data.tfds_quiet import quiet_download_config
+
 import csv
 import hashlib
 import json
@@ -225,7 +227,7 @@ def build_image_captions(data_dir, *, source_dir, vae_dir, image_size: int = 256
                                image_size=image_size, batch_size=batch_size, on_bad_image=on_bad_image,
                                test_size=test_size, fingerprint=fingerprint)
   builder = LmfusionImageCaptions(data_dir=os.fspath(data_dir), config=config, file_format="array_record")
-  builder.download_and_prepare()
+  builder.download_and_prepare(download_config=quiet_download_config())
   return image_captions_reader(data_dir, name)
 
 
