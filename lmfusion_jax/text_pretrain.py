@@ -16,7 +16,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from lmfusion_jax import losses, sharding
 from lmfusion_jax.models.config import LlamaConfig
 from lmfusion_jax.models.llama import Llama
-from lmfusion_jax.models.params import abstract_split
 
 
 def pack_text(docs: Sequence[Sequence[int]], seq_len: int) -> dict:
@@ -47,26 +46,6 @@ def pack_text(docs: Sequence[Sequence[int]], seq_len: int) -> dict:
 
 def encode_documents(tokenizer, texts: Sequence[str], bos: int, eos: int) -> list:
   return [[bos] + list(tokenizer(t, add_special_tokens=False)["input_ids"]) + [eos] for t in texts]
-
-
-def text_nll(lcfg: LlamaConfig, text_params: dict, rows: dict) -> tuple[float, float]:
-  """(mean NLL per target token, number of target tokens) of packed text rows, text-only forward."""
-  graphdef, abstract = abstract_split(lambda: Llama(lcfg, rngs=nnx.Rngs(0)))
-
-  @jax.jit
-  def nll(params, batch):
-    st = jax.tree.map(lambda x: x, abstract)
-    nnx.replace_by_pure_dict(st, params)
-    logits, _ = nnx.merge(graphdef, st)(batch["tokens"], batch["positions"], batch["segment_ids"])
-    _, n, total = losses.lm_loss(logits, batch["targets"], batch["loss_mask"])
-    return total, n
-
-  total, count = 0.0, 0.0
-  for i in range(0, len(rows["tokens"]), 64):
-    t, n = nll(text_params, {k: v[i:i + 64] for k, v in rows.items()})
-    total += float(t)
-    count += float(n)
-  return total / max(count, 1.0), count
 
 
 def pretrain(lcfg: LlamaConfig, rows: dict, *, steps: int, batch_size: int, lr: float, seed: int,
