@@ -211,8 +211,9 @@ def train(cfg, tokenizer=None) -> dict:
           dt = (time.perf_counter() - t_last) / max(steps_since, 1)
           t_last, steps_since = time.perf_counter(), 0
           host_metrics.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt)
-          mfu = step_flops / dt / (peak * jax.device_count()) if peak else float("nan")
-          host_metrics["mfu"] = mfu
+          if peak:  # MFU only where the device peak is known (never a NaN in TensorBoard/metrics.jsonl)
+            mfu = step_flops / dt / (peak * jax.device_count())
+            host_metrics["mfu"] = mfu
           log(f"step {step}/{cfg.total_steps} loss {host_metrics['loss']:.4f} text {host_metrics['text_loss']:.4f}"
               f" image {host_metrics['image_loss']:.4f} lr {host_metrics.get('lr_image', 0):.2e} "
               f"tok/s {host_metrics['tokens_per_s']:.0f} step {dt * 1e3:.0f} ms"

@@ -139,4 +139,7 @@ def init_image_params(lcfg: LlamaConfig, fcfg: FusionConfig, text_params: dict, 
   io = nnx.to_pure_dict(nnx.state(make_image_io(lcfg, fcfg, rngs=rngs)))
   rms = embed_rms(text_params["embed"]) if text_embed_rms is None else text_embed_rms
   io = match_token_scale(io, fcfg, rms)
-  return {"layers": layers, "final_norm": jnp.array(text_params["final_norm"], copy=True), "io": io}
+  out = {"final_norm": jnp.array(text_params["final_norm"], copy=True), "io": io}
+  if layers:  # separation "none" owns no layer weights: the model's image tree then has no `layers`
+    out["layers"] = layers
+  return out
