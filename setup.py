@@ -13,6 +13,7 @@ setup(
         "flax==0.12.8",
         "optax==0.2.8",
         "orbax-checkpoint==0.12.8",
+        "tensorstore",                 # params_io fills converted leaves chunk by chunk
         "grain==0.2.18",
         "transformers>=5",
         "tokenizers",

@@ -3,7 +3,8 @@
   python benchmarks/convert_memory.py [--workdir /tmp/convert_bench] [--dtype bfloat16] [--shards 1]
 
 Writes a randomly initialized HF Llama folder with the Llama-3.2-1B architecture (1.24B parameters, tied
-embeddings) straight from numpy, tensor by tensor, then runs each command in a subprocess and reads its
+embeddings) straight from numpy, tensor by tensor, then runs each command (convert at several stored chunk
+sizes, text only and with the LMFusion image branch; export) in a subprocess and reads its
 peak RSS with resource.getrusage(RUSAGE_CHILDREN) (one child per measurement: the parent forks a fresh
 measuring process per command). Prints markdown table rows.
 """
@@ -104,16 +105,25 @@ def main():
   cli = [sys.executable, "-m", "lmfusion_jax.cli"]
   base = peak_rss_of([sys.executable, "-c", "import jax, orbax.checkpoint, flax, safetensors, lmfusion_jax.cli; "
                       "import lmfusion_jax.params_io, lmfusion_jax.convert.hf_llama"])
-  conv0 = peak_rss_of(cli + ["convert-llama", "--hf-dir", hf, "--out", ckpt + "_1chunk", "--text-only",
-                             "--chunk-mib", "0"])
-  conv = peak_rss_of(cli + ["convert-llama", "--hf-dir", hf, "--out", ckpt, "--text-only"])
-  exp = peak_rss_of(cli + ["export-llama", "--checkpoint", ckpt, "--out", back, "--max-shard-size", "5GB"])
+  runs = [
+      ("convert-llama --text-only (default: 64 MiB chunks)", ["--text-only"], ckpt),
+      ("convert-llama --text-only --chunk-mib 16", ["--text-only", "--chunk-mib", "16"], ckpt + "_16"),
+      ("convert-llama --text-only --chunk-mib 0 (one chunk per leaf)", ["--text-only", "--chunk-mib", "0"],
+       ckpt + "_1chunk"),
+      ("convert-llama, text + image branch (deep copies, U-Net io)", [], ckpt + "_fused"),
+  ]
+  rows = []
+  for name, flags, out in runs:
+    rows.append((name, peak_rss_of(cli + ["convert-llama", "--hf-dir", hf, "--out", out] + flags)))
+    if out != ckpt:
+      shutil.rmtree(out, ignore_errors=True)
+  rows.append(("export-llama", peak_rss_of(cli + ["export-llama", "--checkpoint", ckpt, "--out", back,
+                                                  "--max-shard-size", "5GB"])))
   print("| step | params | on-disk safetensors | peak RSS | peak RSS / on-disk | wall |")
   print("|---|---|---|---|---|---|")
   gib = lambda b: f"{b / 2**30:.2f} GiB"
   print(f"| imports only (baseline) | - | - | {gib(base[1])} | - | {base[2]:.0f} s |")
-  for name, (_, rss, secs) in (("convert-llama --chunk-mib 0 (one chunk per leaf)", conv0),
-                               ("convert-llama (default: 64 MiB chunks)", conv), ("export-llama", exp)):
+  for name, (_, rss, secs) in rows:
     print(f"| {name}, {args.dtype}, {args.shards} file(s) | {n_params / 1e9:.2f}B | {gib(disk)} | {gib(rss)} | "
           f"{rss / disk:.2f} | {secs:.0f} s |")
   if not args.keep:

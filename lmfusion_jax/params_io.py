@@ -10,20 +10,28 @@ on gs:// (no directory rename) it is written in place and `lmfusion.json` is wri
 checkpoint without it is incomplete and refused on read. Reading restores against an abstract target
 built on the CURRENT mesh from the model's logical axis names, so a checkpoint written on one mesh (or
 on one CPU by `convert-llama`) loads sharded on any other.
+
+`ParamsWriter` also takes `LazyArray` leaves (a shape, a dtype and a function returning any box of
+values): it stores a zero placeholder through Orbax, then fills the stored array chunk by chunk through
+TensorStore with the spec Orbax itself reads it with. The result is an ordinary Orbax checkpoint, and a
+converter never holds more than one stored chunk of a leaf (see BENCHMARKS.md, convert_memory).
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
-from typing import Any, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import jax
 import numpy as np
 from etils import epath
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+import orbax.checkpoint as ocp_v0
 from orbax.checkpoint import multihost
 import orbax.checkpoint.experimental.v1 as ocp
+import tensorstore as ts
 
 from lmfusion_jax import sharding
 from lmfusion_jax.models.config import (DTYPES, ConfigError, FusionConfig, LlamaConfig, fusion_config_from,
@@ -32,6 +40,8 @@ from lmfusion_jax.models.params import abstract_split
 
 CONFIG_FILE = "lmfusion.json"
 PARAMS_DIR = "params"
+# Where Orbax (v1 layout) keeps the pytree inside PARAMS_DIR; `LazyArray` leaves are filled there.
+PYTREE_DIR = "state"
 FORMAT_VERSION = 1
 TMP_SUFFIX = ".lmfusion-tmp"
 
@@ -90,26 +100,59 @@ def _path(path) -> epath.Path:
   return p if _is_remote(p) else p.resolve()
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class LazyArray:
+  """A leaf that `ParamsWriter` writes without ever holding it whole: `fill(index)` returns the values at
+  `index` (a tuple of one slice per dimension, steps of 1) as a numpy array of that box's shape and `dtype`.
+  The same LazyArray may appear at several places of a tree (e.g. an image-branch copy of a text weight):
+  each box is then produced once and written to every place."""
+  shape: Tuple[int, ...]
+  dtype: np.dtype
+  fill: Callable[[Tuple[slice, ...]], np.ndarray]
+
+  def __post_init__(self):
+    object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+    object.__setattr__(self, "dtype", np.dtype(self.dtype))
+
+  @property
+  def size(self) -> int:
+    return int(np.prod(self.shape))
+
+
+def _is_lazy(x) -> bool:
+  return isinstance(x, LazyArray)
+
+
+def chunk_boxes(shape: Tuple[int, ...], chunk: Tuple[int, ...]):
+  """The boxes (tuples of slices) of a regular chunk grid over `shape`, in C order."""
+  grid = [range(0, n, c) for n, c in zip(shape, chunk)]
+  for starts in itertools.product(*grid):
+    yield tuple(slice(s, min(s + c, n)) for s, c, n in zip(starts, chunk, shape))
+
+
 class ParamsWriter:
   """Writes a params checkpoint piece by piece, so a converter never holds the whole model:
 
       with ParamsWriter(path, llama_cfg) as w:
         w.write({"text": {"embed": embed}})
-        w.write({"text": {"layers": {"q": q}}})   # each call adds new leaves (no replacement)
+        w.write({"text": {"layers": {"q": LazyArray(shape, dtype, fill)}}})  # each call adds new leaves
 
-  Leaves are numpy or jax arrays. Nothing is left at `path` if the block raises. Single process only
-  (the converters run on one host); `save_params` handles multi-host sharded arrays.
+  Leaves are numpy or jax arrays, or `LazyArray`s: those are written chunk by chunk (one stored chunk of
+  at most `chunk_bytes` in memory at a time) when the block exits. Nothing is left at `path` if the block
+  raises. Single process only (the converters run on one host); `save_params` handles multi-host arrays.
   """
 
   def __init__(self, path, llama_cfg: LlamaConfig, fusion_cfg: Optional[FusionConfig] = None,
                overwrite: bool = False, chunk_bytes: Optional[int] = 64 * 2**20):
     self.path = _path(path)
-    # Stored chunks of <= chunk_bytes: a host restoring onto a sharded mesh reads only the chunks it needs.
+    # Stored chunks of <= chunk_bytes: a host restoring onto a sharded mesh reads only the chunks it needs,
+    # and a LazyArray is converted one chunk at a time (None: one chunk per array, the whole leaf at once).
     self.chunk_bytes = chunk_bytes
     self.llama_cfg, self.fusion_cfg = llama_cfg, fusion_cfg
     self.overwrite = overwrite
     self._dir = None
     self._written = 0
+    self._lazy: Dict[int, Tuple[LazyArray, List[str]]] = {}  # id -> (leaf, Orbax parameter names)
 
   def __enter__(self) -> "ParamsWriter":
     if jax.process_count() > 1:
@@ -121,11 +164,57 @@ class ParamsWriter:
     return self
 
   def write(self, tree: dict) -> None:
+    # LazyArrays go to Orbax as zero-stride placeholders (no memory); their values are filled at exit.
+    stored = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape) if _is_lazy(x) else x,
+                          tree, is_leaf=_is_lazy)
+    names = ocp_v0.tree.get_param_names(stored)
+    for leaf, name in zip(jax.tree.leaves(tree, is_leaf=_is_lazy), jax.tree.leaves(names)):
+      if _is_lazy(leaf):
+        self._lazy.setdefault(id(leaf), (leaf, []))[1].append(name)
     ctx = ocp.Context()
     ctx.array.saving.storage_options.chunk_byte_size = self.chunk_bytes
+    ctx.memory.deepcopy_host_arrays = False  # the save is synchronous: the caller's arrays cannot change
     with ctx:
-      ocp.partial.save(self._dir / PARAMS_DIR, tree)
+      ocp.partial.save(self._dir / PARAMS_DIR, stored)
     self._written += 1
+
+  def _fill_lazy(self) -> None:
+    """Writes every LazyArray into its stored (placeholder) arrays, one stored chunk at a time."""
+    if not self._lazy:
+      return
+    pytree_dir = self._dir / PARAMS_DIR / PYTREE_DIR
+    if not (pytree_dir / "manifest.ocdbt").exists():
+      raise CheckpointError(f"{pytree_dir}: no OCDBT manifest where Orbax was expected to write the params "
+                            f"(unsupported orbax-checkpoint layout; write plain arrays instead)")
+    context = ocp_v0.type_handlers.get_ts_context(use_ocdbt=True)
+    for leaf, names in self._lazy.values():
+      stores = []
+      for name in names:
+        info = ocp_v0.type_handlers.ParamInfo(name=name, parent_dir=pytree_dir, is_ocdbt_checkpoint=True,
+                                              use_zarr3=True)
+        spec = ocp_v0.type_handlers.get_json_tspec_read(info, use_ocdbt=True)
+        store = ts.open(ts.Spec(spec), open=True, context=context).result()
+        if tuple(store.shape) != leaf.shape or np.dtype(store.dtype.numpy_dtype) != leaf.dtype:
+          raise CheckpointError(f"{pytree_dir}: stored {name} is {store.dtype.name}{list(store.shape)}, "
+                                f"expected {leaf.dtype}{list(leaf.shape)}")
+        stores.append(store)
+      chunks = {tuple(s.chunk_layout.write_chunk.shape) for s in stores}
+      groups = [stores] if len(chunks) == 1 else [[s] for s in stores]
+      for group in groups:
+        self._fill_stores(leaf, group, names)
+
+  @staticmethod
+  def _fill_stores(leaf: LazyArray, stores: list, names: List[str]) -> None:
+    for box in chunk_boxes(leaf.shape, tuple(stores[0].chunk_layout.write_chunk.shape)):
+      values = np.asarray(leaf.fill(box))
+      want = tuple(s.stop - s.start for s in box)
+      if values.shape != want or values.dtype != leaf.dtype:
+        raise CheckpointError(f"{' / '.join(names)}: the values for box {box} are {values.dtype}"
+                              f"{list(values.shape)}, expected {leaf.dtype}{list(want)}")
+      # Each write is committed before the next starts: at most one chunk is being encoded and written.
+      for store in stores:
+        store[box].write(values, can_reference_source_data_indefinitely=True).result()
+      del values
 
   def __exit__(self, exc_type, exc, tb) -> None:
     if exc_type is not None:
@@ -135,6 +224,7 @@ class ParamsWriter:
       if not self._written:
         raise CheckpointError(f"{self.path}: nothing was written")
       ocp.partial.finalize(self._dir / PARAMS_DIR)
+      self._fill_lazy()
       _commit(self._dir, self.path, self.llama_cfg, self.fusion_cfg, self.overwrite)
     except BaseException:
       _remove(self._dir)
@@ -281,4 +371,4 @@ def load_params(path, mesh: Optional[Mesh] = None, shardings: Optional[dict] = N
 
 
 def count_params(tree) -> int:
-  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree, is_leaf=_is_lazy)))

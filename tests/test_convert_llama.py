@@ -161,6 +161,62 @@ def test_image_branch_is_initialized_from_text(hf_fp32, tmp_path):
   assert orig == back
 
 
+def test_read_box_matches_slicing_the_whole_leaf(hf_fp32):
+  """Any box of our layout read from only the HF parts it covers (rows for copies, an [out, in] rectangle
+  or its gathered entries for linears) equals that box of the whole leaf read directly."""
+  _, path = hf_fp32
+  cfg, text = hf_llama.load_hf_text_params(path)
+  flat = {"/".join(str(k.key) for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(text)[0]}
+  ckpt = hf_llama.HFCheckpoint(path)
+  rng = np.random.RandomState(0)
+  for rule in hf_llama.text_rules(cfg):
+    leaf = flat[rule.ours]
+    for _ in range(6):
+      box = []
+      for n in leaf.shape:
+        a, b = sorted(rng.choice(n + 1, 2, replace=False))
+        box.append(slice(int(a), int(b)))
+      box = tuple(box)
+      got = ckpt.read_box(rule, cfg, box, "float32")
+      np.testing.assert_array_equal(got, leaf[box], err_msg=f"{rule.ours} {box}")
+
+
+@pytest.mark.parametrize("source", ["fp32_single_file", "bf16_sharded_tied_llama3"])
+def test_small_chunks_restore_bitwise(source, hf_fp32, hf_bf16_sharded, tmp_path):
+  """Tiny stored chunks force every leaf to be written in many chunk-sized pieces (boxes that split inner
+  dims too); the checkpoint still restores bitwise equal to reading the HF files whole, also sharded on a
+  mesh, and the image copies (written from the same pieces) equal the text weights."""
+  _, path = hf_fp32 if source.startswith("fp32") else hf_bf16_sharded
+  out = tmp_path / "ckpt"
+  fcfg = FusionConfig(separation="deep", image_io="linear", latent_size=8, latent_channels=4, boi_id=250,
+                      eoi_id=251)
+  convert_llama.convert(path, out, fusion_cfg=fcfg, seed=3, chunk_bytes=512)
+  cfg, want = hf_llama.load_hf_text_params(path)
+  stored = params_io.stored_metadata(out)
+  embed_chunk = stored["text"]["embed"].storage_metadata.chunk_shape
+  q_chunk = stored["text"]["layers"]["q"].storage_metadata.chunk_shape
+  assert tuple(embed_chunk) != tuple(stored["text"]["embed"].shape)
+  assert sum(a != b for a, b in zip(q_chunk, stored["text"]["layers"]["q"].shape)) >= 2, q_chunk
+  params = params_io.load_params(out)
+  bits = lambda x: np.asarray(x).view(np.uint8)
+  assert jax.tree.structure(params["text"]) == jax.tree.structure(want)
+  for got, ref in zip(jax.tree.leaves(params["text"]), jax.tree.leaves(want)):
+    assert got.dtype == ref.dtype and got.shape == ref.shape
+    np.testing.assert_array_equal(bits(got), bits(ref))
+  for k in ("attn_norm", "q", "k", "v", "o", "ffn_norm", "gate", "up", "down"):
+    np.testing.assert_array_equal(bits(params["image"]["layers"][k]), bits(want["layers"][k]))
+  embed = np.asarray(want["embed"]).astype(np.float64)
+  rms = np.float32(np.sqrt(np.mean(np.square(embed))))  # numpy reference for the image tokens' scale
+  ref_image = fusion.init_image_params(cfg, fcfg, params["text"], seed=3, text_embed_rms=rms)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params["image"], ref_image)
+  mesh = sharding.make_mesh(fsdp=2, tensor=2, devices=jax.devices()[:4])
+  on_mesh = params_io.load_params(out, mesh=mesh, subtree="text")
+  shardings = params_io.param_shardings(cfg, fcfg, mesh)["text"]
+  for got, ref, s in zip(jax.tree.leaves(on_mesh), jax.tree.leaves(want), jax.tree.leaves(shardings)):
+    assert got.sharding == s
+    np.testing.assert_array_equal(bits(got), bits(ref))
+
+
 # --- bad input -------------------------------------------------------------------------------------------
 def _copy_hf(src, dst, edit_tensors=None, edit_config=None):
   dst.mkdir()
@@ -212,15 +268,15 @@ def test_bad_input_fails_cleanly(case, hf_fp32, tmp_path, capsys):
 def test_failure_midway_leaves_nothing(hf_fp32, tmp_path, monkeypatch):
   _, src = hf_fp32
   calls = {"n": 0}
-  real_read = hf_llama.HFCheckpoint.read_rows
+  real_read = hf_llama.HFCheckpoint.read_slice
 
-  def flaky_read(self, name, start, stop):
+  def flaky_read(self, name, index):
     calls["n"] += 1
     if calls["n"] == 7:
       raise OSError(f"simulated read failure at {name}")
-    return real_read(self, name, start, stop)
+    return real_read(self, name, index)
 
-  monkeypatch.setattr(hf_llama.HFCheckpoint, "read_rows", flaky_read)
+  monkeypatch.setattr(hf_llama.HFCheckpoint, "read_slice", flaky_read)
   with pytest.raises(OSError, match="simulated"):
     convert_llama.convert(src, tmp_path / "ckpt")
   assert calls["n"] == 7

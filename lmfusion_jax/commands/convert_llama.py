@@ -2,13 +2,15 @@
 
   lmfusion-jax convert-llama --hf-dir Llama-3.2-1B --out gs://bucket/llama32_1b --boi-id 128002 --eoi-id 128003
 
-Reads the safetensors tensor by tensor and writes one parameter leaf at a time (host memory stays near the
-largest stacked leaf, not the model). Every tensor is checked against config.json before anything is
-written; on any error nothing is left at --out.
+Streams: every parameter leaf is a `params_io.LazyArray` that the writer fills one stored chunk (--chunk-mib)
+at a time, reading only the part of the safetensors that chunk covers, so host memory stays near one chunk,
+not one leaf or the model (an image-branch copy is written from the same chunk, read once). Every tensor
+is checked against config.json before anything is written; on any error nothing is left at --out.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from typing import Callable, Optional, Union
 
@@ -31,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
   p.add_argument("--chunk-mib", type=int, default=64,
                  help="store each array in chunks of at most this many MiB, so hosts restoring onto a "
-                      "sharded mesh read only their chunks; 0 = one chunk per array (least memory while "
-                      "converting) (default: %(default)s)")
+                      "sharded mesh read only their chunks; conversion holds about one chunk at a time, so "
+                      "smaller chunks also mean less host memory; 0 = one chunk per array (holds the "
+                      "largest leaf) (default: %(default)s)")
   p.add_argument("--text-only", action="store_true",
                  help="write only the `text` branch (a plain Llama), no LMFusion image branch")
   g = p.add_argument_group("image branch (LMFusion); ignored with --text-only")
@@ -69,11 +72,13 @@ def fusion_config(args, cfg: LlamaConfig) -> FusionConfig:
 
 def convert(hf_dir, out, *, dtype: Optional[str] = None,
             fusion_cfg: Union[None, FusionConfig, Callable[[LlamaConfig], FusionConfig]] = None,
-            seed: int = 0, overwrite: bool = False, chunk_mib: int = 64) -> tuple:
+            seed: int = 0, overwrite: bool = False, chunk_mib: int = 64,
+            chunk_bytes: Optional[int] = None) -> tuple:
   """Converts and writes; returns (LlamaConfig, FusionConfig | None, number of parameters written).
 
   `fusion_cfg` None writes the text branch only; a callable gets the checkpoint's LlamaConfig (to
-  validate ids against the vocabulary) before anything is written."""
+  validate ids against the vocabulary) before anything is written. Stored chunks are `chunk_mib` MiB
+  (0: one per array), or exactly `chunk_bytes` bytes when given."""
   ckpt = hf_llama.HFCheckpoint(hf_dir)
   cfg = hf_llama.read_config(hf_dir)
   hf_llama.validate(ckpt, cfg)
@@ -81,30 +86,31 @@ def convert(hf_dir, out, *, dtype: Optional[str] = None,
   cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
   if callable(fusion_cfg):
     fusion_cfg = fusion_cfg(cfg)
-  image_layers = _image_layer_keys(fusion_cfg)
-  n = 0
-  with params_io.ParamsWriter(out, cfg, fusion_cfg, overwrite=overwrite,
-                              chunk_bytes=chunk_mib * 2**20 if chunk_mib > 0 else None) as w:
-    final_norm, embed_rms = None, None
-    for path, arr in hf_llama.iter_text_leaves(ckpt, cfg, dtype):
-      tree = {"text": hf_llama.nest({path: arr})}
-      name = path.split("/")[-1]
-      if fusion_cfg is not None and fusion_cfg.image_init == "copy" and path.startswith("layers/") \
-          and name in image_layers:
-        tree["image"] = {"layers": {name: arr}}  # the LMFusion init: an exact copy of the text weight
-      if path == "final_norm":
-        final_norm = arr
-      if path == "embed":
-        from lmfusion_jax.models.fusion import embed_rms as rms_of
-        embed_rms = rms_of(arr)  # the image tokens' scale (see fusion.match_token_scale)
-      w.write(tree)
-      n += arr.size * (2 if "image" in tree else 1)
-      del tree, arr
-    if fusion_cfg is not None:
-      image = _image_rest(cfg, fusion_cfg, final_norm, embed_rms, seed)
-      w.write({"image": image})
-      n += params_io.count_params(image)
-  return cfg, fusion_cfg, n
+  if chunk_bytes is None:
+    chunk_bytes = chunk_mib * 2**20 if chunk_mib > 0 else None
+  text = {}
+  for rule in hf_llama.text_rules(cfg):
+    shape = hf_llama.text_param_shapes(cfg)[rule.ours]
+    text[rule.ours] = params_io.LazyArray(shape, hf_llama.NUMPY_DTYPES[dtype],
+                                          functools.partial(ckpt.read_box, rule, cfg, dtype=dtype))
+  tree = {"text": hf_llama.nest(text)}
+  if fusion_cfg is not None:
+    image = {}
+    if fusion_cfg.image_init == "copy":  # the LMFusion init: exact copies, written from the same chunks
+      image["layers"] = {k: tree["text"]["layers"][k] for k in _image_layer_keys(fusion_cfg)}
+      if not image["layers"]:
+        image.pop("layers")
+    final_norm = ckpt.read_box(_rule("final_norm"), cfg, (slice(None),), dtype)
+    rms = hf_llama.embed_rms(ckpt, cfg, dtype)  # the image tokens' scale (see fusion.match_token_scale)
+    image.update(_image_rest(cfg, fusion_cfg, final_norm, rms, seed))
+    tree["image"] = image
+  with params_io.ParamsWriter(out, cfg, fusion_cfg, overwrite=overwrite, chunk_bytes=chunk_bytes) as w:
+    w.write(tree)
+  return cfg, fusion_cfg, params_io.count_params(tree)
+
+
+def _rule(ours: str):
+  return next(r for r in hf_llama.TEXT_RULES if r.ours == ours)
 
 
 def _image_layer_keys(fusion_cfg):
@@ -123,11 +129,11 @@ def _image_rest(cfg, fusion_cfg, final_norm, embed_rms, seed):
   text_stub = {"layers": {}, "final_norm": final_norm}
   if fusion_cfg.image_init == "copy":
     image = fusion.init_image_params(cfg, fusion_cfg.replace(separation="none"), text_stub, seed, embed_rms)
-    image.pop("layers")
+    image.pop("layers", None)
   else:
     image = fusion.init_image_params(cfg, fusion_cfg, text_stub, seed, embed_rms)
-    if not image["layers"]:
-      image.pop("layers")
+    if not image.get("layers"):
+      image.pop("layers", None)
   return jax.tree.map(np.asarray, image)
 
 

@@ -185,11 +185,44 @@ class HFCheckpoint:
       return f.get_tensor(name)
 
   def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of a tensor; the file is mapped only during this call, so reading a large
-    tensor in row blocks keeps at most one block of the file resident."""
+    """Rows [start, stop) of a tensor (see `read_slice`)."""
+    return self.read_slice(name, (slice(start, stop),))
+
+  def read_slice(self, name: str, index: Tuple[slice, ...]) -> np.ndarray:
+    """The box `index` (slices, leading dims) of a tensor; the file is mapped only during this call, so
+    reading a large tensor box by box keeps at most one box of the file resident."""
     self._require(name)
     with safe_open(os.fspath(self.dir / self.files[name]), framework="numpy") as f:
-      return f.get_slice(name)[start:stop]
+      return f.get_slice(name)[index]
+
+  def read_box(self, rule: TensorRule, cfg: LlamaConfig, index: Tuple[slice, ...], dtype: str) -> np.ndarray:
+    """The box `index` of our leaf `rule.ours` (layers stacked) in `dtype`, read from only the parts of the
+    HF tensors it covers: rows of the per-layer tensors for copies; for a linear, the rectangle
+    [out rows, in columns] of each layer's HF weight, transposed into our [*in_dims, *out_dims] order."""
+    full = text_param_shapes(cfg)[rule.ours]
+    index = tuple(slice(*s.indices(n)) for s, n in zip(index, full))
+    out = np.empty(tuple(s.stop - s.start for s in index), NUMPY_DTYPES[dtype])
+    if rule.per_layer:
+      for i, name in enumerate(hf_names(rule, cfg)[index[0]]):
+        self._unit_box_into(rule, name, full[1:], index[1:], out[i])
+    else:
+      self._unit_box_into(rule, rule.hf, full, index, out)
+    return out
+
+  def _unit_box_into(self, rule: TensorRule, name: str, unit: Tuple[int, ...], index: Tuple[slice, ...],
+                     out: np.ndarray) -> None:
+    """Writes box `index` of one HF tensor, in our (per-layer) layout `unit`, into `out` (C-contiguous)."""
+    if rule.kind == "copy":
+      out[...] = self.read_slice(name, index)
+      return
+    in_idx = _flat_indices(index[:rule.n_in], unit[:rule.n_in])     # HF columns, ascending
+    out_idx = _flat_indices(index[rule.n_in:], unit[rule.n_in:])    # HF rows, ascending
+    c0, c1, r0, r1 = in_idx[0], in_idx[-1] + 1, out_idx[0], out_idx[-1] + 1
+    rect = self.read_slice(name, (slice(r0, r1), slice(c0, c1)))  # HF [out rows, in columns]
+    if len(in_idx) != c1 - c0 or len(out_idx) != r1 - r0:         # the box is not one HF rectangle
+      rect = rect[np.ix_(out_idx - r0, in_idx - c0)]
+    out.reshape(len(in_idx), len(out_idx))[...] = rect.T           # a view of `out`: no extra copy
+
 
   def read_into(self, rule: TensorRule, name: str, out: np.ndarray, block_bytes: int = 64 * 2**20) -> None:
     """Reads HF tensor `name` into `out` (our layout, any dtype), converting block by block of rows."""
@@ -203,6 +236,11 @@ class HFCheckpoint:
     for r in range(0, shape[0], step):
       block = self.read_rows(name, r, min(r + step, shape[0]))
       target[r:r + block.shape[0]] = block.reshape(block.shape[0], -1)
+
+def _flat_indices(index: Tuple[slice, ...], dims: Tuple[int, ...]) -> np.ndarray:
+  """Row-major flat indices (ascending) of the box `index` of an array of shape `dims`."""
+  grids = np.ix_(*[np.arange(s.start, s.stop) for s in index])
+  return np.ravel_multi_index(grids, dims).reshape(-1)
 
 
 def read_config(hf_dir, **overrides) -> LlamaConfig:
@@ -248,6 +286,19 @@ def iter_text_leaves(ckpt: HFCheckpoint, cfg: LlamaConfig, dtype: str) -> Iterat
       ckpt.read_into(rule, name, out[i] if rule.per_layer else out)
     yield rule.ours, out
     del out
+
+
+def embed_rms(ckpt: HFCheckpoint, cfg: LlamaConfig, dtype: str, block_bytes: int = 64 * 2**20) -> np.float32:
+  """RMS of our `embed` leaf in `dtype` (what `models.fusion.embed_rms` computes), read in row blocks and
+  accumulated in float64, so the embedding is never whole in memory."""
+  name = "model.embed_tokens.weight"
+  rows, dim = ckpt.shape(name)
+  step = max(1, block_bytes // (dim * 8))
+  total = 0.0
+  for r in range(0, rows, step):
+    block = ckpt.read_rows(name, r, min(r + step, rows)).astype(NUMPY_DTYPES[dtype]).astype(np.float64)
+    total += float(np.square(block).sum())
+  return np.float32(math.sqrt(total / (rows * dim)))
 
 
 def nest(flat: Dict[str, np.ndarray]) -> dict:
