@@ -214,3 +214,27 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_c
   state = ck.restore(1, ts.abstract_state(spec, tx, sharding.mesh_from_config(cfg.mesh)))
   ck.close()
   assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(state["params"]))
+
+
+@pytest.mark.parametrize("separation,image_init", [("deep", "copy"), ("shallow", "copy"), ("none", "copy"),
+                                                   ("deep", "random")])
+def test_init_from_a_text_only_checkpoint_builds_the_image_branch(tiny_config, tmp_path, separation, image_init):
+  """`init_from` a text-only params checkpoint (e.g. the demo's pretrained LM): text restored exactly, the
+  image branch built for the run's separation mode with the model's exact tree (no `layers` for none)."""
+  from lmfusion_jax import params_io
+  from lmfusion_jax.models.decoder import IMAGE_LAYER_KEYS
+  from lmfusion_jax.train import load_init_params
+  cfg = tiny_config
+  cfg.fusion.separation, cfg.fusion.image_init = separation, image_init
+  spec, _ = resolved(cfg)
+  mesh = sharding.mesh_from_config(cfg.mesh)
+  _, params = sharded.init_sharded(spec.lcfg, spec.fcfg, mesh, seed=5)
+  text = jax.tree.map(np.asarray, params["text"])
+  params_io.save_params(str(tmp_path / "text_only"), {"text": text}, spec.lcfg)
+  got = load_init_params(str(tmp_path / "text_only"), spec.lcfg, spec.fcfg, mesh, seed=0)
+  want_paths = sorted(paths(sharded.abstract_params(spec.lcfg, spec.fcfg, mesh)))
+  assert sorted(paths(got)) == want_paths
+  assert_trees_equal(got["text"], text)
+  for k in IMAGE_LAYER_KEYS[separation]:
+    same = np.array_equal(np.asarray(got["image"]["layers"][k]), text["layers"][k])
+    assert same == (image_init == "copy" or k.endswith("norm")), k
