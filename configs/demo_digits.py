@@ -27,10 +27,14 @@ def get_config(arg: str = ""):
   c.eval.num_examples = 300
   c.eval.samples_per_class = 10
   c.eval.sampling_steps = 50
+  c.eval.cfg_scale = 3.0              # classifier-free guidance for the generation accuracy (as in the paper)
   c.demo = dict(
       tokenizer_vocab=512,
       text_steps=400, text_batch=32, text_seq_len=64, text_lr=3e-3,
-      samples_per_digit=10, sample_steps=50, sampler="ddim", cfg_scale=1.0,
+      samples_per_digit=10, sample_steps=50, sampler="ddim", cfg_scale=3.0,
+      # the text LM's corpus keeps BOI/EOI image markers (see demo.placeholder_documents): without them the
+      # frozen LM never learned those two tokens and generation stays at chance (BENCHMARKS.md, demo)
+      image_placeholders=True,
   )
   if arg == "ci":
     c.total_steps = 30

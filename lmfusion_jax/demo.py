@@ -30,13 +30,14 @@ def log(msg):
 
 def prepare_data(cfg, workdir: epath.Path):
   from lmfusion_jax.data.build import build_dataset
-  from lmfusion_jax.data.tfds_digits import all_captions
+  from lmfusion_jax.data.tfds_digits import TEMPLATES, all_captions
   from lmfusion_jax.data.tokenizer import load_tokenizer, train_tokenizer
   data_dir = workdir / "tfds"
   build_dataset("digits", str(data_dir), image_size=int(cfg.data.image_size))
   tok_dir = workdir / "tokenizer"
   if not tok_dir.exists():
-    train_tokenizer(all_captions() * 4 + number_sentences(), int(cfg.demo.tokenizer_vocab), str(tok_dir))
+    facts = [caption_with_fact(c, i // len(TEMPLATES), k) for i, c in enumerate(all_captions()) for k in range(3)]
+    train_tokenizer(all_captions() * 4 + number_sentences() + facts, int(cfg.demo.tokenizer_vocab), str(tok_dir))
   return str(data_dir), str(tok_dir), load_tokenizer(str(tok_dir))
 
 
@@ -58,11 +59,42 @@ def number_sentences() -> list:
   return out
 
 
+def caption_with_fact(caption: str, digit: int, kind: int) -> str:
+  """A caption followed by a statement about its number (numeral <-> word, successor, predecessor): text in
+  which what comes after a caption depends on the number it names, as in real web text."""
+  from lmfusion_jax.data.tfds_digits import WORDS
+  kind %= 3
+  if kind == 0:
+    tail = f"in words {WORDS[digit]}" if str(digit) in caption.split(" ") or f"{digit}," in caption \
+        else f"in numerals {digit}"
+  elif kind == 1:
+    tail = f"the next number is {WORDS[(digit + 1) % 10]}"
+  else:
+    tail = f"the number before it is {WORDS[(digit - 1) % 10]}"
+  return f"{caption}; {tail}"
+
+
 def text_corpus(data_cfg, split: str) -> list:
-  """The text LM's 'web text': caption texts of a split of the digits data plus number sentences."""
+  """The text LM's 'web text': the caption texts of a split of the digits data, each also followed by a
+  statement about its number, plus number sentences."""
   from lmfusion_jax.evaluate import read_records
-  captions = [r["caption"] for r in read_records(data_cfg, split)]
-  return captions + number_sentences() * max(1, len(captions) // (4 * len(number_sentences())))
+  records = read_records(data_cfg, split)
+  captions = [r["caption"] for r in records]
+  facts = [caption_with_fact(r["caption"], r["label"], i) for i, r in enumerate(records)]
+  return captions + facts + number_sentences() * max(1, len(captions) // (4 * len(number_sentences())))
+
+
+def placeholder_documents(tokenizer, texts, sp: dict) -> list:
+  """Web text keeps a marker where an image was: `BOS text BOI EOI EOS` (image after the text) or
+  `BOS BOI EOI text EOS` (image before it), alternating. The LM so learns the BOI/EOI tokens as text."""
+  from lmfusion_jax.data.tokenizer import CaptionEncoder
+  enc = CaptionEncoder(tokenizer)
+  out = []
+  for i, t in enumerate(texts):
+    ids = enc(t)
+    mark = [sp["boi"], sp["eoi"]]
+    out.append([sp["bos"]] + (ids + mark if i % 2 == 0 else mark + ids) + [sp["eos"]])
+  return out
 
 
 def pretrain_base_lm(cfg, workdir, tokenizer, mesh) -> str:
@@ -73,6 +105,8 @@ def pretrain_base_lm(cfg, workdir, tokenizer, mesh) -> str:
   sp = special_ids(tokenizer)
   lcfg = llama_config_from(cfg.model).replace(bos_id=sp["bos"], eos_id=sp["eos"])
   docs = text_pretrain.encode_documents(tokenizer, text_corpus(cfg.data, cfg.data.split), sp["bos"], sp["eos"])
+  if cfg.demo.get("image_placeholders", False):
+    docs += placeholder_documents(tokenizer, text_corpus(cfg.data, cfg.data.split), sp)
   rows = text_pretrain.pack_text(docs, int(cfg.demo.text_seq_len))
   params = text_pretrain.pretrain(lcfg, rows, steps=int(cfg.demo.text_steps), batch_size=int(cfg.demo.text_batch),
                                   lr=float(cfg.demo.text_lr), seed=int(cfg.seed), mesh=mesh,
