@@ -1,6 +1,6 @@
 """The paper's ablation table at small scale, on the embedded digits data (CPU, one command).
 
-  python benchmarks/ablations.py [--workdir /tmp/lmfusion-ablations] [--seeds 0,1,2] [--steps 1500]
+  python benchmarks/ablations.py [--workdir /tmp/lmfusion-ablations] [--seeds 0,1,2] [--steps 2000]
                                  [--variants lmfusion,shallow,...] [--config configs/demo_digits.py]
 
 Every variant starts from the same pretrained tiny text LM (the demo's: same data, tokenizer and LM
@@ -230,7 +230,7 @@ def main():
   ap.add_argument("--workdir", default="/tmp/lmfusion-ablations")
   ap.add_argument("--config", default=str(ROOT / "configs" / "demo_digits.py"))
   ap.add_argument("--seeds", default="0,1,2")
-  ap.add_argument("--steps", type=int, default=1500, help="LMFusion training steps per run (same for all but "
+  ap.add_argument("--steps", type=int, default=2000, help="LMFusion training steps per run (same for all but "
                                                           "transfusion, which is FLOP-matched)")
   ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ",".join(VARIANTS))
   ap.add_argument("--eval-examples", type=int, default=200)

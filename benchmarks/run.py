@@ -35,6 +35,8 @@ BENCHMARKS = {
     "data": ("Data pipeline throughput and padding", "python benchmarks/data_throughput.py --batches 100", False),
     "convert_memory": ("Conversion peak memory (random ~1.2B Llama, bf16)", "python benchmarks/convert_memory.py",
                        True),
+    "ablations": ("Ablations at small scale (the paper's Table 4 claims, digits data)",
+                  "python benchmarks/ablations.py", True),
     "plan": ("TPU plan: Llama-3-8B LMFusion vs dense baseline (AOT compile, libtpu cost model)",
              "python benchmarks/plan_table.py", True),
 }

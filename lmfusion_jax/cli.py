@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import traceback
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -65,7 +66,11 @@ def main(argv=None) -> int:
   try:
     return int(module.run(args) or 0)
   except (UserError, ValueError, FileNotFoundError, FileExistsError) as e:
-    # ValueError subclasses carry our input errors (ConfigError, BatchError, ConversionError, ...).
+    # Our input errors (ConfigError, BatchError, ConversionError, ... : ValueError subclasses defined in
+    # lmfusion_jax) are the user's to fix: the message alone. A ValueError raised anywhere else may be a bug
+    # (ours or a library's): the message plus the traceback, so it is never mistaken for bad input.
+    if isinstance(e, ValueError) and not type(e).__module__.startswith("lmfusion_jax"):
+      traceback.print_exc(file=sys.stderr)
     print(f"lmfusion-jax {args.command}: error: {e}", file=sys.stderr)
     return 2
 

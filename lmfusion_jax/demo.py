@@ -1,7 +1,9 @@
 """The built-in demo, end to end on this machine (CPU is enough), on the embedded digits data:
 
   1. build the digits dataset (TFDS ArrayRecord) and train a small BPE tokenizer with Llama-3 specials;
-  2. pretrain a tiny Llama-3-shaped text LM on caption text (standing in for a downloaded Llama-3);
+  2. pretrain a tiny Llama-3-shaped text LM on text (standing in for a downloaded Llama-3): the captions of
+     the training split, captions followed by a fact about their number, number sentences, and (as web
+     text keeps a marker where an image was) BOI/EOI image markers around some of those texts;
   3. export it to a Hugging Face folder and convert it back with convert-llama (the real user path),
      which writes the LMFusion params checkpoint (text + image copies);
   4. train LMFusion from it with the text frozen;
