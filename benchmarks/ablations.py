@@ -25,6 +25,7 @@ ablations puts it there), including a reading of the paper's claims computed fro
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -130,9 +131,10 @@ def run_one(base_cfg, variant: str, seed: int, steps: int, workdir: pathlib.Path
   cfg = run_config(base_cfg, variant, seed, steps, out / "run", base)
   log(f"{variant} seed {seed}: {cfg.total_steps} steps")
   t0 = time.perf_counter()
-  train(cfg)
-  t_train = time.perf_counter() - t0
-  m = evaluate(str(out / "run"), cfg)
+  with contextlib.redirect_stdout(sys.stderr):  # stdout carries only the markdown section
+    train(cfg)
+    t_train = time.perf_counter() - t0
+    m = evaluate(str(out / "run"), cfg)
   result = {k: m[k] for k in METRICS[:3]}
   result.update(text_nll=m["text_nll"], text_nll_delta=m["text_nll"] - base["base_text_nll"],
                 text_nll_bitwise_unchanged=bool(np.float64(m["text_nll"]) == np.float64(base["base_text_nll"])),
@@ -178,12 +180,14 @@ def reading(s: dict, results: dict) -> list:
     return f"{short}: " + " vs ".join(f"{v} {s[v][k][0]:.3f}±{s[v][k][1]:.3f}" for v in vs)
 
   have = lambda *vs: all(v in s for v in vs)
-  order = ("lmfusion", "shallow", "dense_frozen")
-  if have(*order):
-    for k, hi in (("caption_accuracy", True), ("generation_accuracy", True), ("diffusion_loss_mean", False)):
-      claim(f"deep > shallow > dense with frozen text, {k}" + ("" if hi else " (lower is better)"),
-            better(s, results, "lmfusion", "shallow", k, hi) and better(s, results, "shallow", "dense_frozen", k, hi),
-            fmt(k, order))
+  ks = (("caption_accuracy", True), ("generation_accuracy", True), ("diffusion_loss_mean", False))
+  for a, b in (("lmfusion", "shallow"), ("shallow", "dense_frozen"), ("lmfusion", "dense_frozen")):
+    if have(a, b):
+      wins = [k for k, hi in ks if better(s, results, a, b, k, hi)]
+      losses = [k for k, hi in ks if better(s, results, b, a, k, hi)]
+      claim(f"with frozen text, {a} beats {b} (wins on: {', '.join(wins) or 'none'}; "
+            f"loses on: {', '.join(losses) or 'none'})", bool(wins) and not losses,
+            "; ".join(fmt(k, (a, b)) for k, _ in ks))
   if have("dense_ft", "dense_ft_0.1"):
     k = "text_nll_delta"
     claim("dense fine-tuning degrades text (held-out text NLL rises with eta_text > 0)",
@@ -197,12 +201,10 @@ def reading(s: dict, results: dict) -> list:
     claim("freezing the text weights preserves text exactly", n_exact == n_all,
           f"held-out text NLL bitwise equal to the base LM's in {n_exact}/{n_all} frozen-text runs")
   if have("lmfusion", "random_init"):
-    ks = (("caption_accuracy", True), ("generation_accuracy", True), ("diffusion_loss_mean", False))
     claim("copying the text weights into the image modules gives a head start over random init",
           any(better(s, results, "lmfusion", "random_init", k, hi) for k, hi in ks),
           "; ".join(fmt(k, ("lmfusion", "random_init")) for k, _ in ks))
   if have("lmfusion", "transfusion"):
-    ks = (("caption_accuracy", True), ("generation_accuracy", True), ("diffusion_loss_mean", False))
     claim("LMFusion beats Transfusion-style training from scratch at the same FLOPs (on some image metric, "
           "while keeping text exact)", any(better(s, results, "lmfusion", "transfusion", k, hi) for k, hi in ks),
           "; ".join(fmt(k, ("lmfusion", "transfusion")) for k, _ in ks + (("text_nll_delta", False),)))
@@ -216,10 +218,13 @@ def markdown(s: dict, results: dict, args, setup_s: float, total_s: float) -> st
     cells = [f"{s[v][k][0]:.3f} ± {s[v][k][1]:.3f}" for k in METRICS]
     rows.append(f"| {v}: {VARIANTS[v][0]} | {results[v][0]['steps']} | " + " | ".join(cells) + " |")
   seeds = sorted({int(k) for k in args.seeds.split(",")})
+  run_min = sum(r["train_seconds"] + r["eval_seconds"] for rs in results.values() for r in rs) / 60
   head = [f"`python benchmarks/ablations.py --steps {args.steps} --seeds {args.seeds}` on the digits data "
-          f"(config `{args.config}`); mean ± std over seeds {seeds}; every run starts from the same "
+          f"(config `{os.path.relpath(args.config, ROOT)}`); mean ± std over seeds {seeds}; every run starts from the same "
           f"pretrained text LM except `transfusion` (from scratch, steps chosen to match the FLOPs of text "
-          f"pretraining + LMFusion training). Wall time {total_s / 60:.1f} min (setup {setup_s:.0f} s).", ""]
+          f"pretraining + LMFusion training). The {sum(len(r) for r in results.values())} runs took {run_min:.1f} min "
+          f"of training + evaluation (sum of their wall times, recorded in each result.json); this invocation "
+          f"{total_s / 60:.1f} min, setup {setup_s:.0f} s (finished runs and the base LM are reused).", ""]
   return "\n".join(head + rows + ["", "Reading (computed from the numbers above: a difference counts when it "
                                       "exceeds twice its standard error over seeds and a small floor):", ""]
                    + reading(s, results))
