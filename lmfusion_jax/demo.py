@@ -163,7 +163,8 @@ def write_report(workdir, metrics: dict, timings: dict, paths: dict, cfg) -> str
       "## Metrics (held-out test split)", "",
       "| metric | value | target |", "|---|---|---|",
       f"| captioning accuracy | {cap:.1%} | >= 90% |" if cap is not None else "| captioning accuracy | n/a | |",
-      f"| generation accuracy (independent classifier) | {gen:.1%} | >= 80% (chance 10%) |"
+      f"| generation accuracy (independent classifier; {cfg.eval.sampler} {cfg.eval.sampling_steps} steps, "
+      f"CFG {cfg.eval.cfg_scale}) | {gen:.1%} | >= 80% (chance 10%) |"
       if gen is not None else "| generation accuracy | n/a | |",
       f"| CIDEr-D of captions | {metrics['cider_d']:.3f} | |",
       f"| diffusion loss (mean over t in {list(metrics.get('timesteps', []))}) | "
