@@ -13,8 +13,6 @@ Every stage writes into the workdir and is skipped when its output already exist
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 
 import jax
@@ -67,8 +65,8 @@ def caption_with_fact(caption: str, digit: int, kind: int) -> str:
   from lmfusion_jax.data.tfds_digits import WORDS
   kind %= 3
   if kind == 0:
-    tail = f"in words {WORDS[digit]}" if str(digit) in caption.split(" ") or f"{digit}," in caption \
-        else f"in numerals {digit}"
+    has_numeral = any(ch.isdigit() for ch in caption)
+    tail = f"in words {WORDS[digit]}" if has_numeral else f"in numerals {digit}"
   elif kind == 1:
     tail = f"the next number is {WORDS[(digit + 1) % 10]}"
   else:
@@ -91,10 +89,10 @@ def placeholder_documents(tokenizer, texts, sp: dict) -> list:
   `BOS BOI EOI text EOS` (image before it), alternating. The LM so learns the BOI/EOI tokens as text."""
   from lmfusion_jax.data.tokenizer import CaptionEncoder
   enc = CaptionEncoder(tokenizer)
+  mark = [sp["boi"], sp["eoi"]]
   out = []
   for i, t in enumerate(texts):
     ids = enc(t)
-    mark = [sp["boi"], sp["eoi"]]
     out.append([sp["bos"]] + (ids + mark if i % 2 == 0 else mark + ids) + [sp["eos"]])
   return out
 
@@ -106,9 +104,10 @@ def pretrain_base_lm(cfg, workdir, tokenizer, mesh) -> str:
     return str(out)
   sp = special_ids(tokenizer)
   lcfg = llama_config_from(cfg.model).replace(bos_id=sp["bos"], eos_id=sp["eos"])
-  docs = text_pretrain.encode_documents(tokenizer, text_corpus(cfg.data, cfg.data.split), sp["bos"], sp["eos"])
+  corpus = text_corpus(cfg.data, cfg.data.split)
+  docs = text_pretrain.encode_documents(tokenizer, corpus, sp["bos"], sp["eos"])
   if cfg.demo.get("image_placeholders", False):
-    docs += placeholder_documents(tokenizer, text_corpus(cfg.data, cfg.data.split), sp)
+    docs += placeholder_documents(tokenizer, corpus, sp)
   rows = text_pretrain.pack_text(docs, int(cfg.demo.text_seq_len))
   params = text_pretrain.pretrain(lcfg, rows, steps=int(cfg.demo.text_steps), batch_size=int(cfg.demo.text_batch),
                                   lr=float(cfg.demo.text_lr), seed=int(cfg.seed), mesh=mesh,

@@ -34,13 +34,12 @@ from typing import Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh
 
 from lmfusion_jax import flops as flops_lib
 from lmfusion_jax import optim, sharding
 from lmfusion_jax import train_step as ts
 from lmfusion_jax.data import batch as batch_lib
-from lmfusion_jax.models import sharded
 from lmfusion_jax.models.config import FusionConfig, LlamaConfig
 from lmfusion_jax.run_config import model_configs
 
@@ -203,34 +202,17 @@ def abstract_batch(data_cfg, fcfg: FusionConfig, mesh: Mesh) -> dict:
           for k, (s, d) in shapes.items()}
 
 
-def abstract_train_state(spec: ts.StepSpec, tx, mesh: Mesh) -> dict:
-  """ShapeDtypeStructs (with shardings) of the whole train state on `mesh`; nothing is allocated."""
-  params = sharded.abstract_params(spec.lcfg, spec.fcfg, mesh)
-  trainable = {b: params[b] for b in spec.trainable}
-  opt_sh = ts.opt_state_shardings(tx, trainable, {b: jax.tree.map(lambda x: x.sharding, trainable[b])
-                                               for b in spec.trainable}, mesh)
-  opt = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                     jax.eval_shape(tx.init, trainable), opt_sh)
-  replicated = NamedSharding(mesh, P())
-  return {"params": params, "opt_state": opt,
-          "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
-          "rng": jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated)}
-
-
 def lower_train_step(cfg, mesh: Mesh, lcfg: Optional[LlamaConfig] = None):
   """(lowered train step, abstract state, abstract batch) of the run `cfg` on `mesh`, from shapes only: the
-  real `train_step.make_train_step`, jitted with explicit state/batch shardings and the state donated, as
-  `train_step.jit_train_step` does. `lcfg` replaces the config's model (the unrolled cost compiles)."""
+  real train step as the training loop jits it (`train_step.jit_train_step`: explicit state/batch
+  shardings, state donated). `lcfg` replaces the config's model (the unrolled cost compiles)."""
   cfg_l, fcfg, dcfg = model_configs(cfg)
   lcfg = lcfg or cfg_l
   spec = ts.StepSpec(lcfg, fcfg, dcfg, optim.trainable_branches(cfg.optim), int(cfg.optim.accum_steps))
   tx = optim.make_optimizer(cfg.optim, cfg.total_steps)
-  state = abstract_train_state(spec, tx, mesh)
+  state = ts.abstract_state(spec, tx, mesh)
   batch = abstract_batch(cfg.data, fcfg, mesh)
-  state_sh = jax.tree.map(lambda x: x.sharding, state)
-  step = jax.jit(ts.make_train_step(spec, tx, optim.schedules(cfg.optim, cfg.total_steps)),
-                 in_shardings=(state_sh, ts.batch_shardings(mesh, batch)),
-                 out_shardings=(state_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
+  step = ts.jit_train_step(spec, tx, mesh, batch, optim.schedules(cfg.optim, cfg.total_steps))
   with jax.set_mesh(mesh):
     lowered = step.lower(state, batch)
   return lowered, state, batch

@@ -88,21 +88,18 @@ def convert(hf_dir, out, *, dtype: Optional[str] = None,
     fusion_cfg = fusion_cfg(cfg)
   if chunk_bytes is None:
     chunk_bytes = chunk_mib * 2**20 if chunk_mib > 0 else None
-  text = {}
-  for rule in hf_llama.text_rules(cfg):
-    shape = hf_llama.text_param_shapes(cfg)[rule.ours]
-    text[rule.ours] = params_io.LazyArray(shape, hf_llama.NUMPY_DTYPES[dtype],
-                                          functools.partial(ckpt.read_box, rule, cfg, dtype=dtype))
+  shapes = hf_llama.text_param_shapes(cfg)
+  text = {rule.ours: params_io.LazyArray(shapes[rule.ours], hf_llama.NUMPY_DTYPES[dtype],
+                                         functools.partial(ckpt.read_box, rule, cfg, dtype=dtype))
+          for rule in hf_llama.text_rules(cfg)}
   tree = {"text": hf_llama.nest(text)}
   if fusion_cfg is not None:
-    image = {}
-    if fusion_cfg.image_init == "copy":  # the LMFusion init: exact copies, written from the same chunks
-      image["layers"] = {k: tree["text"]["layers"][k] for k in _image_layer_keys(fusion_cfg)}
-      if not image["layers"]:
-        image.pop("layers")
     final_norm = ckpt.read_box(_rule("final_norm"), cfg, (slice(None),), dtype)
     rms = hf_llama.embed_rms(ckpt, cfg, dtype)  # the image tokens' scale (see fusion.match_token_scale)
-    image.update(_image_rest(cfg, fusion_cfg, final_norm, rms, seed))
+    image = _image_rest(cfg, fusion_cfg, final_norm, rms, seed)
+    if fusion_cfg.image_init == "copy" and _image_layer_keys(fusion_cfg):
+      # the LMFusion init: exact copies of the text leaves, written from the same chunks
+      image["layers"] = {k: tree["text"]["layers"][k] for k in _image_layer_keys(fusion_cfg)}
     tree["image"] = image
   with params_io.ParamsWriter(out, cfg, fusion_cfg, overwrite=overwrite, chunk_bytes=chunk_bytes) as w:
     w.write(tree)
@@ -121,20 +118,14 @@ def _image_layer_keys(fusion_cfg):
 
 
 def _image_rest(cfg, fusion_cfg, final_norm, embed_rms, seed):
-  """The image branch minus the layer copies already written: final norm copy and fresh in/out modules.
-  With image_init="copy" the layers were streamed; `init_image_params` then only needs the final norm
-  (separation="none" asks it for no layer copies). With "random" it draws the layers too."""
+  """The image branch minus the streamed layer copies: final norm copy and fresh in/out modules.
+  With image_init="copy" the layers are lazy copies of the text leaves, so `init_image_params` is asked
+  for none (separation="none"); with "random" it draws them too (and returns no `layers` if none are owned)."""
   import jax
   from lmfusion_jax.models import fusion
   text_stub = {"layers": {}, "final_norm": final_norm}
-  if fusion_cfg.image_init == "copy":
-    image = fusion.init_image_params(cfg, fusion_cfg.replace(separation="none"), text_stub, seed, embed_rms)
-    image.pop("layers", None)
-  else:
-    image = fusion.init_image_params(cfg, fusion_cfg, text_stub, seed, embed_rms)
-    if not image.get("layers"):
-      image.pop("layers", None)
-  return jax.tree.map(np.asarray, image)
+  drawn = fusion_cfg.replace(separation="none") if fusion_cfg.image_init == "copy" else fusion_cfg
+  return jax.tree.map(np.asarray, fusion.init_image_params(cfg, drawn, text_stub, seed, embed_rms))
 
 
 def run(args) -> int:
