@@ -16,7 +16,6 @@ import pathlib
 import platform
 import re
 import subprocess
-import sys
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 OUT = ROOT / "BENCHMARKS.md"

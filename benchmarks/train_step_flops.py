@@ -10,7 +10,6 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lmfusion_jax import flops as flops_lib

@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from etils import epath
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, SingleDeviceSharding
+from jax.sharding import Mesh, SingleDeviceSharding
 import orbax.checkpoint as ocp_v0
 from orbax.checkpoint import multihost
 import orbax.checkpoint.experimental.v1 as ocp

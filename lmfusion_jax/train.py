@@ -10,12 +10,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import signal
-import sys
 import time
 from typing import Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
@@ -160,7 +158,6 @@ def train(cfg, tokenizer=None) -> dict:
     log(f"resumed from {workdir}/checkpoints/{latest}")
   else:
     if cfg.init_from:
-      from lmfusion_jax import params_io
       params = load_init_params(cfg.init_from, lcfg, fcfg, mesh, cfg.seed)
       log(f"initialized from {cfg.init_from}")
     else:

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import tempfile
 import uuid
 from typing import Callable, Dict, Tuple
@@ -34,7 +33,7 @@ from etils import epath
 from flax import nnx
 from safetensors import safe_open
 
-from lmfusion_jax.models.config import DTYPES, ConfigError
+from lmfusion_jax.models.config import DTYPES
 from lmfusion_jax.models.vae import AutoencoderKL, VAEConfig
 from lmfusion_jax.models.params import abstract_split
 

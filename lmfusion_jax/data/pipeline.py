@@ -43,8 +43,6 @@ Data config (`config.data`, an ml_collections ConfigDict; defaults in `default_d
 """
 from __future__ import annotations
 
-from lmfusion_jax.data.tfds_quiet import quiet_download_config
-
 from typing import Iterator, Optional
 
 import grain
@@ -55,6 +53,7 @@ from lmfusion_jax.data import pack_stage
 from lmfusion_jax.data.packing import empty_batch, empty_row
 from lmfusion_jax.data.sequences import SequenceSpec, build_document
 from lmfusion_jax.data.synthetic import SyntheticSource
+from lmfusion_jax.data.tfds_quiet import quiet_download_config
 from lmfusion_jax.data.tokenizer import CaptionEncoder, special_ids
 
 DATASETS = ("digits", "image_captions", "synthetic")

@@ -15,8 +15,6 @@ dataset are fingerprinted, and rebuilding the same name with different options i
 """
 from __future__ import annotations
 
-from lmfusion_jax.data.tfds_quiet import quiet_download_config
-
 import csv
 import hashlib
 import json
@@ -26,6 +24,8 @@ from typing import Optional
 import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
+
+from lmfusion_jax.data.tfds_quiet import quiet_download_config
 
 BUILDER_NAME = "lmfusion_image_captions"
 VERSION = "1.0.0"
