@@ -11,6 +11,9 @@ The argument picks a mesh preset: v5p-64 (32 chips), v5p-128 (64 chips), v5p-256
 = FSDP over every device there is. Parameter counts: text 8.03B (frozen) + image 7.25B (6.98B layer copies
 + 0.27B U-Net) = 15.28B, as the paper states (~7.25B trainable + 8B frozen).
 
+Attention: the Pallas TPU flash kernel for the hybrid mask (lmfusion_jax/models/flash_attention.py); the
+XLA reference materializes 4096 x 4096 fp32 scores per head (--config.model.attention_impl=xla to compare).
+
 Numerics: bf16 compute, fp32 parameters for both branches. The image branch must be fp32 (AdamW updates
 of lr 1e-4 x ~1e-3 vanish in bf16 weights). The frozen text branch could be stored in bf16 losslessly
 (Llama-3 ships bf16 weights; it never gets an update) and would halve its all-gather traffic and its 0.5 GiB
@@ -37,7 +40,7 @@ def get_config(arg: str = ""):
   c.save_every = 1000
   c.keep_checkpoints = 3
   c.model = dict(preset="llama3_8b", param_dtype="float32", dtype="bfloat16", scan_layers=True,
-                 remat_policy="full")
+                 remat_policy="full", attention_impl="flash")
   c.fusion.separation = "deep"
   c.fusion.image_init = "copy"
   c.fusion.image_io = "unet"

@@ -17,7 +17,7 @@ def get_config(arg: str = ""):
   c.keep_checkpoints = 2
   c.model = dict(preset="tiny", vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                  ffn_dim=128, max_seq_len=512, param_dtype="float32", dtype="float32", scan_layers=False,
-                 remat_policy="none")
+                 remat_policy="none", attention_impl="xla")
   c.fusion.separation = "deep"
   c.fusion.image_io = "unet"
   c.fusion.latent_size = 8

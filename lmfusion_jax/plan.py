@@ -29,7 +29,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Optional, Sequence
+import time
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -255,7 +256,16 @@ def _cost(compiled) -> dict:
           "bytes_accessed": float(ca.get("bytes accessed", 0.0))}
 
 
-def step_cost(cfg, mesh: Mesh, mode: str = "scaled", compiled=None) -> dict:
+def _timed(progress: Callable[[str], None], what: str, fn):
+  t0 = time.time()
+  progress(f"{what} ...")
+  out = fn()
+  progress(f"{what}: {time.time() - t0:.0f} s")
+  return out
+
+
+def step_cost(cfg, mesh: Mesh, mode: str = "scaled", compiled=None,
+              progress: Callable[[str], None] = lambda msg: None) -> dict:
   """Per-device cost figures of one step with every layer counted (see the module docstring). "scaled"
   extrapolates from unrolled 2- and 3-layer compiles (a 1-layer compile lacks the cross-layer weight
   stacking every deeper model has)."""
@@ -263,11 +273,12 @@ def step_cost(cfg, mesh: Mesh, mode: str = "scaled", compiled=None) -> dict:
   if not lcfg.scan_layers and compiled is not None:
     return {**_cost(compiled), "source": "the run's compile (layers unrolled)"}
   if mode == "unrolled" or (mode == "scaled" and lcfg.n_layers <= 3):
-    c, _ = compile_train_step(cfg, mesh, lcfg.replace(scan_layers=False))
+    c, _ = _timed(progress, f"cost: compiling all {lcfg.n_layers} layers unrolled",
+                  lambda: compile_train_step(cfg, mesh, lcfg.replace(scan_layers=False)))
     return {**_cost(c), "source": f"unrolled compile ({lcfg.n_layers} layers)"}
   if mode == "scaled":
-    c2 = _cost(compile_train_step(cfg, mesh, lcfg.replace(scan_layers=False, n_layers=2))[0])
-    c3 = _cost(compile_train_step(cfg, mesh, lcfg.replace(scan_layers=False, n_layers=3))[0])
+    c2, c3 = (_cost(_timed(progress, f"cost: compiling {n} layers unrolled", lambda n=n: compile_train_step(
+        cfg, mesh, lcfg.replace(scan_layers=False, n_layers=n)))[0]) for n in (2, 3))
     extra = lcfg.n_layers - 2
     out = {k: c2[k] + extra * (c3[k] - c2[k]) for k in ("flops", "bytes_accessed")}
     if c2["optimal_seconds"] is not None and c3["optimal_seconds"] is not None:
@@ -363,19 +374,21 @@ class PlanReport:
     return {**dataclasses.asdict(self), "fits": self.fits}
 
 
-def plan(cfg, topology: str, num_slices: int = 1, cost_mode: str = "scaled") -> PlanReport:
-  """Compiles the run `cfg` for `num_slices` x `topology` and collects the figures (see PlanReport)."""
+def plan(cfg, topology: str, num_slices: int = 1, cost_mode: str = "scaled",
+         progress: Callable[[str], None] = lambda msg: None) -> PlanReport:
+  """Compiles the run `cfg` for `num_slices` x `topology` and collects the figures (see PlanReport).
+  `progress` receives one line per compile (what, and how long it took)."""
   if num_slices < 1:
     raise PlanError(f"--num-slices {num_slices}: must be >= 1")
   topo = parse_topology(topology)
   devices = topology_devices(topo, num_slices)
   mesh = make_plan_mesh(cfg.mesh, devices, num_slices)
   lcfg, fcfg, _ = model_configs(cfg)
-  lowered, state, batch = lower_train_step(cfg, mesh)
+  lowered, state, batch = _timed(progress, "lowering the train step", lambda: lower_train_step(cfg, mesh))
   compiler_message = ""
   try:
     with jax.set_mesh(mesh):
-      compiled = lowered.compile()
+      compiled = _timed(progress, "compiling the train step (memory)", lowered.compile)
   except jax.errors.JaxRuntimeError as e:
     # The TPU compiler refuses programs whose temporaries exceed HBM: that is a "does not fit" answer.
     if "RESOURCE_EXHAUSTED" not in str(e):
@@ -393,7 +406,7 @@ def plan(cfg, topology: str, num_slices: int = 1, cost_mode: str = "scaled") -> 
   need = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"] + memory["generated_code"]
   n_dev = len(devices)
   fits = compiled is not None and need <= topo.hbm_bytes
-  cost = step_cost(cfg, mesh, cost_mode, compiled) if fits else step_cost(cfg, mesh, "none")
+  cost = step_cost(cfg, mesh, cost_mode, compiled, progress) if fits else step_cost(cfg, mesh, "none")
   text_trainable = "text" in optim.trainable_branches(cfg.optim)
   io = image_io_flops_per_image(lcfg, fcfg) if cfg.data.image_slots else 0.0
   mflops = model_flops(lcfg, fcfg, cfg.data, text_trainable, io)

@@ -35,7 +35,8 @@ def run(args) -> int:
   from lmfusion_jax import plan as plan_lib
   from lmfusion_jax.config_cli import apply_overrides, load_config
   cfg = apply_overrides(load_config(args.config), args.overrides)
-  report = plan_lib.plan(cfg, args.topology, num_slices=args.num_slices, cost_mode=args.cost)
+  report = plan_lib.plan(cfg, args.topology, num_slices=args.num_slices, cost_mode=args.cost,
+                         progress=lambda msg: print(f"plan: {msg}", file=sys.stderr, flush=True))
   if args.json:
     print(json.dumps(report.to_dict(), sort_keys=True))
   else:

@@ -8,8 +8,9 @@ Which key a query may see is computed from per-token arrays, never from array or
   allowed(q, k) = seg_q == seg_k != 0  and  (pos_k <= pos_q  or  img_q == img_k >= 0)
 
 i.e. causal over positions, bidirectional inside each image, isolated per packed document, and padding
-never attended. `dot_product_attention` is the reference (plain XLA, runs anywhere); a TPU/GPU kernel can
-replace it behind the same signature via `implementation`.
+never attended. `dot_product_attention` dispatches to the reference (plain XLA, runs anywhere) or the Pallas
+TPU flash kernel (models/flash_attention.py: the mask is built per tile, never materialized), both behind
+the same signature; `model.attention_impl` picks one.
 """
 from __future__ import annotations
 
@@ -58,16 +59,29 @@ def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Arra
   return out.reshape(b, tq, h, d)
 
 
-_IMPLEMENTATIONS = {"xla": reference_attention}
+def xla_attention(q, k, v, q_info: TokenInfo, k_info: TokenInfo) -> jax.Array:
+  """The reference: the full [batch, q_len, k_len] mask and fp32 scores, in XLA."""
+  return reference_attention(q, k, v, hybrid_mask(q_info, k_info))
+
+
+def _flash(interpret: bool):
+  def run(q, k, v, q_info, k_info):
+    from lmfusion_jax.models.flash_attention import flash_attention   # Pallas: imported when used
+    return flash_attention(q, k, v, q_info, k_info, interpret=interpret)
+  return run
+
+
+# name -> fn(q, k, v, q_info, k_info); every implementation computes the same function.
+_IMPLEMENTATIONS = {"xla": xla_attention, "flash": _flash(False), "flash_interpret": _flash(True)}
 
 
 def register_attention(name: str, fn) -> None:
-  """Registers a kernel with `reference_attention`'s signature (e.g. a Pallas splash kernel)."""
+  """Registers a kernel with `xla_attention`'s signature (q, k, v, q_info, k_info)."""
   _IMPLEMENTATIONS[name] = fn
 
 
 def dot_product_attention(q, k, v, q_info: TokenInfo, k_info: TokenInfo, implementation: str = "xla"):
-  """The one attention entry point used by every layer."""
+  """The one attention entry point used by every layer (model.attention_impl picks the implementation)."""
   if implementation not in _IMPLEMENTATIONS:
     raise ValueError(f"attention implementation {implementation!r} unknown (have {sorted(_IMPLEMENTATIONS)})")
-  return _IMPLEMENTATIONS[implementation](q, k, v, hybrid_mask(q_info, k_info))
+  return _IMPLEMENTATIONS[implementation](q, k, v, q_info, k_info)

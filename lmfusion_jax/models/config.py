@@ -14,6 +14,9 @@ import jax.numpy as jnp
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# "xla": plain XLA (runs anywhere); "flash": the Pallas TPU kernel (models/flash_attention.py);
+# "flash_interpret": the same kernel interpreted (CPU; tests).
+ATTENTION_IMPLS = ("xla", "flash", "flash_interpret")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
@@ -51,6 +54,7 @@ class LlamaConfig:
   dtype: str = "float32"          # compute dtype
   scan_layers: bool = False
   remat_policy: str = "none"
+  attention_impl: str = "xla"     # see ATTENTION_IMPLS
 
   def __post_init__(self):
     if self.param_dtype not in DTYPES:
@@ -59,6 +63,8 @@ class LlamaConfig:
       raise ConfigError(f"model.dtype={self.dtype!r}: expected one of {sorted(DTYPES)}")
     if self.remat_policy not in REMAT_POLICIES:
       raise ConfigError(f"model.remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ConfigError(f"model.attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
     if self.n_heads % self.n_kv_heads:
       raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
     if self.head_dim % 2:

@@ -120,9 +120,10 @@ def fused_layer(cfg: LlamaConfig, separation: str, attention_impl: str,
 def decoder_stack(cfg: LlamaConfig, separation: str, text_layers: dict, image_layers: Optional[dict],
                   x_img: Optional[jax.Array], x_txt: jax.Array,
                   info_img: Optional[attn_lib.TokenInfo], info_txt: attn_lib.TokenInfo,
-                  cache: Optional[KVCache] = None, attention_impl: str = "xla"):
+                  cache: Optional[KVCache] = None, attention_impl: Optional[str] = None):
   """Runs all layers. Returns (x_img, x_txt, (k, v)) with k/v [layers, batch, n_img + n_txt, kvh, hd]."""
   has_img = x_img is not None and x_img.shape[1] > 0
+  attention_impl = attention_impl or cfg.attention_impl
   rope_txt = L.rope_cos_sin(info_txt.positions, cfg)
   rope_img = L.rope_cos_sin(info_img.positions, cfg) if has_img else None
   info_all = attn_lib.TokenInfo.concat([info_img, info_txt]) if has_img else info_txt

@@ -61,7 +61,7 @@ class LMFusion(nnx.Module):
 
   def __call__(self, tokens, text_positions, text_segment_ids, noisy_latents, timesteps,
                image_positions, image_segment_ids, cache: Optional[decoder.KVCache] = None,
-               attention_impl: str = "xla"):
+               attention_impl: Optional[str] = None):
     """Routed forward over a packed batch (see data/batch.py).
 
     tokens/text_positions/text_segment_ids [B, T]; noisy_latents [B, I, H, W, C]; timesteps [B, I];

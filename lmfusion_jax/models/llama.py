@@ -75,7 +75,7 @@ class Llama(nnx.Module):
 
   def __call__(self, tokens: jax.Array, positions: Optional[jax.Array] = None,
                segment_ids: Optional[jax.Array] = None, cache: Optional[decoder.KVCache] = None,
-               attention_impl: str = "xla"):
+               attention_impl: Optional[str] = None):
     """tokens [batch, seq] -> (logits fp32 [batch, seq, vocab], (k, v) of these tokens per layer).
 
     positions default to 0..seq-1 and segment_ids to 1 (one document per row, no padding).

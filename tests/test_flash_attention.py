@@ -1,0 +1,166 @@
+"""The Pallas flash-attention kernel (models/flash_attention.py) against the XLA reference.
+
+On CPU the kernel runs interpreted (the same kernel body, grid and block specs); the TPU compile of the very
+same kernel (Mosaic) is checked with libtpu's compile-only devices, including that its cost estimate is
+what the compiler counts.
+"""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from lmfusion_jax import sharding
+from lmfusion_jax.models import attention as A
+from lmfusion_jax.models.flash_attention import flash_attention
+
+
+def packed_info(rng, batch: int, length: int, shuffle: bool = True):
+  """Two documents per row (each with an image of 16 tokens), a padding tail, tokens in random order."""
+  pos = np.zeros((batch, length), np.int32)
+  seg = np.zeros((batch, length), np.int32)
+  img = -np.ones((batch, length), np.int32)
+  doc = (length - 20) // 2
+  for b in range(batch):
+    for d in range(2):
+      s = d * doc
+      pos[b, s:s + doc] = np.arange(doc)
+      seg[b, s:s + doc] = d + 1
+      img[b, s + 5 + 3 * b:s + 21 + 3 * b] = d
+  if shuffle:
+    perm = rng.permutation(length)
+    pos, seg, img = pos[:, perm], seg[:, perm], img[:, perm]
+  return A.TokenInfo(jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(img))
+
+
+def qkv(rng, batch, tq, tk, heads, kv_heads, dim, dtype=jnp.float32):
+  q = jnp.asarray(rng.normal(size=(batch, tq, heads, dim)), dtype)
+  k = jnp.asarray(rng.normal(size=(batch, tk, kv_heads, dim)), dtype)
+  v = jnp.asarray(rng.normal(size=(batch, tk, kv_heads, dim)), dtype)
+  return q, k, v
+
+
+def flash(q, k, v, qi, ki, **kw):
+  return flash_attention(q, k, v, qi, ki, interpret=True, **{"block_q": 128, "block_k": 128, **kw})
+
+
+def value_and_grads(fn, q, k, v, w):
+  return jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w), argnums=(0, 1, 2))(
+      q, k, v)
+
+
+@pytest.mark.parametrize("heads,kv_heads,length", [(4, 2, 300), (2, 2, 256), (4, 1, 130)])
+def test_forward_and_gradients_equal_reference(heads, kv_heads, length):
+  """Packed documents, images, padding, GQA/MHA, lengths that need padding to the block, several blocks."""
+  rng = np.random.default_rng(length)
+  info = packed_info(rng, 2, length)
+  q, k, v = qkv(rng, 2, length, length, heads, kv_heads, 16)
+  w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  (l_ref, g_ref) = value_and_grads(lambda q, k, v: A.xla_attention(q, k, v, info, info), q, k, v, w)
+  (l_fl, g_fl) = value_and_grads(lambda q, k, v: flash(q, k, v, info, info), q, k, v, w)
+  out_ref = A.xla_attention(q, k, v, info, info)
+  out_fl = flash(q, k, v, info, info)
+  np.testing.assert_allclose(out_fl, out_ref, atol=1e-5, rtol=0)
+  padding = np.asarray(info.segment_ids) == 0
+  assert padding.any() and np.all(np.asarray(out_fl)[padding] == 0.0)   # no key allowed -> zeros, not NaN
+  np.testing.assert_allclose(l_fl, l_ref, rtol=1e-5)
+  for name, a, b in zip("qkv", g_fl, g_ref):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=0, err_msg=f"d{name}")
+
+
+def test_queries_against_a_longer_key_sequence():
+  """Decoding-style: the queries are the last tokens of the keys' sequence (KV cache)."""
+  rng = np.random.default_rng(1)
+  info = packed_info(rng, 2, 260, shuffle=False)
+  q_info = A.TokenInfo(*(x[:, -40:] for x in info))
+  q, k, v = qkv(rng, 2, 40, 260, 4, 2, 16)
+  np.testing.assert_allclose(flash(q, k, v, q_info, info), A.xla_attention(q, k, v, q_info, info),
+                             atol=1e-5, rtol=0)
+
+
+def test_bf16_inputs_close_to_reference():
+  rng = np.random.default_rng(2)
+  info = packed_info(rng, 1, 256)
+  q, k, v = qkv(rng, 1, 256, 256, 2, 1, 32, jnp.bfloat16)
+  out = flash(q, k, v, info, info)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(A.xla_attention(q, k, v, info, info),
+                                                                     np.float32), atol=2e-2, rtol=0)
+
+
+def test_sharded_over_8_devices_equals_unsharded(num_devices):
+  """Under an fsdp=4 x tensor=2 mesh the kernel runs per shard (shard_map); same values and gradients."""
+  assert num_devices == 8
+  rng = np.random.default_rng(3)
+  mesh = sharding.make_mesh(1, 4, 2)
+  info = packed_info(rng, 4, 140)
+  q, k, v = qkv(rng, 4, 140, 140, 4, 2, 16)
+  w = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+  want = value_and_grads(lambda q, k, v: A.xla_attention(q, k, v, info, info), q, k, v, w)
+  batch = NamedSharding(mesh, P(("data", "fsdp")))
+  put = lambda x: jax.device_put(x, batch)   # noqa: E731
+  with jax.set_mesh(mesh):
+    fn = jax.jit(lambda q, k, v, w, info: value_and_grads(lambda q, k, v: flash(q, k, v, info, info), q, k, v, w))
+    got = fn(put(q), put(k), put(v), put(w), A.TokenInfo(*map(put, info)))
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+  for a, b in zip(got[1], want[1]):
+    np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
+
+
+def test_tpu_compile_counts_the_kernel_cost():
+  """The same kernels compile for TPU (Mosaic, libtpu compile-only devices) and the compiler counts their
+  cost estimate: compiled flops of forward + backward = (4 + 10) B H Tq Tk D (the kernels' matmuls), plus
+  the small XLA glue (delta, GQA sums), checked against that formula."""
+  from lmfusion_jax import plan
+  devices = plan.topology_devices(plan.parse_topology("v5p-8"))
+  mesh = sharding.make_mesh(1, len(devices), 1, devices=devices)
+  b, s, h, kvh, d = 2 * len(devices), 1024, 4, 2, 128
+  batch = NamedSharding(mesh, P(("data", "fsdp")))
+  sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=batch)   # noqa: E731
+  q, k, v = sds((b, s, h, d), jnp.bfloat16), sds((b, s, kvh, d), jnp.bfloat16), sds((b, s, kvh, d), jnp.bfloat16)
+  info = A.TokenInfo(*(sds((b, s), jnp.int32) for _ in range(3)))
+
+  def fwd_bwd(q, k, v, info):
+    f = lambda q, k, v: flash_attention(q, k, v, info, info).astype(jnp.float32).sum()   # noqa: E731
+    return jax.grad(f, argnums=(0, 1, 2))(q, k, v)
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(fwd_bwd).lower(q, k, v, info).compile()
+  text = compiled.as_text()
+  assert "lmfusion_flash_fwd" in text and "lmfusion_flash_bwd" in text
+  ca = compiled.cost_analysis()
+  ca = ca[0] if isinstance(ca, (list, tuple)) else ca
+  per_device = (4 + 10) * (b // len(devices)) * h * s * s * d
+  assert per_device <= ca["flops"] <= 1.02 * per_device, (ca["flops"], per_device)
+  # The estimate is flop-bound: at least the kernels' flops at the chip's peak.
+  assert ca["optimal_seconds"] >= per_device / 459e12
+  assert math.isfinite(ca["optimal_seconds"])
+
+
+def test_lmfusion_model_with_flash_equals_xla():
+  """The whole LMFusion model (packed row: 2 documents, 2 images, padding) with model.attention_impl =
+  flash_interpret vs xla: text logits, predicted noise and the gradient of every parameter."""
+  from flax import nnx
+  from test_fusion import LCFG, fcfg, packed_row, randomize
+  from lmfusion_jax.models.fusion import LMFusion
+  tok, pos, seg, ipos, iseg, _ = packed_row()
+  lat = jax.random.normal(jax.random.key(0), (1, 2, 4, 4, 2))
+  ts = jnp.full(ipos.shape, 300, jnp.int32)
+  outs = {}
+  for impl in ("xla", "flash_interpret"):
+    model = randomize(LMFusion(LCFG.replace(attention_impl=impl), fcfg(), rngs=nnx.Rngs(0)), seed=3)
+    graphdef, state = nnx.split(model)
+
+    def loss(state):
+      logits, eps, _ = nnx.merge(graphdef, state)(tok, pos, seg, lat, ts, ipos, iseg)
+      return jnp.sum(jax.nn.log_softmax(logits)[..., 7]) + jnp.sum(eps ** 2), (logits, eps)
+    outs[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
+  (l_x, (lg_x, eps_x)), g_x = outs["xla"]
+  (l_f, (lg_f, eps_f)), g_f = outs["flash_interpret"]
+  np.testing.assert_allclose(lg_f, lg_x, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(eps_f, eps_x, atol=1e-5, rtol=0)
+  np.testing.assert_allclose(l_f, l_x, rtol=1e-5)
+  flat_x, flat_f = nnx.to_flat_state(g_x), nnx.to_flat_state(g_f)
+  for (path, a), (_, b) in zip(flat_x, flat_f):
+    np.testing.assert_allclose(np.asarray(b.value), np.asarray(a.value), atol=1e-4, rtol=1e-4, err_msg=str(path))
