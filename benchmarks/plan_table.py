@@ -3,8 +3,9 @@
   python benchmarks/plan_table.py [--cost scaled|unrolled] [--out DIR] [--topologies v5p-64 v5p-128 ...]
                                   [--variant NAME --config.k=v ...]
 
-Each cell is one `lmfusion-jax plan --json` run in its own process (an 8B compile takes ~1-4 minutes and
-~9 GB RAM on a 2-core host; runs go one at a time). Results are kept as JSON under --out, so an interrupted
+Each cell is one `lmfusion-jax plan --json` run in its own process: three 8B compiles (the scanned step
+for memory, 2 and 3 unrolled layers for cost), ~20-30 minutes and ~6 GB RAM on a 2-core host; the
+planner's progress lines are passed through to stderr. Results are kept as JSON under --out, so an interrupted
 table resumes where it stopped; `--variant NAME --config.k=v ...` plans a variant (e.g. another remat
 policy or mesh) with those overrides applied to every config. Needs libtpu (`pip install '.[tpu]'`).
 Prints a markdown table: HBM need per chip, compiled FLOPs per step, the compiler's step-time estimate,
@@ -23,6 +24,10 @@ import time
 CONFIGS = {"LMFusion (deep, text frozen)": "configs/llama3_8b_lmfusion.py",
            "dense baseline (all trained)": "configs/llama3_8b_dense.py"}
 REPO = pathlib.Path(__file__).resolve().parent.parent
+# What was tried on the LMFusion v5p-128 cell (name -> config overrides), printed as a second table.
+LEVERS = {"attention_xla": ["--config.model.attention_impl=xla"],
+          "remat_dots": ["--config.model.remat_policy=dots_saveable"]}
+LEVER_TOPOLOGY = "v5p-128"
 
 
 def plan_one(config: str, topology: str, cost: str, overrides: list, out_file: pathlib.Path) -> dict:
@@ -33,10 +38,17 @@ def plan_one(config: str, topology: str, cost: str, overrides: list, out_file: p
          "--cost", cost, "--json", *overrides]
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   t0 = time.time()
-  proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
-  if proc.returncode not in (0, 1) or not proc.stdout.strip():
-    raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-  result = json.loads(proc.stdout.strip().splitlines()[-1])
+  proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  err_tail = []
+  for line in proc.stderr:          # progress lines through, the rest kept for an error message
+    if line.startswith("plan:"):
+      print(f"# {out_file.stem}: {line.rstrip()}", file=sys.stderr, flush=True)
+    err_tail = (err_tail + [line])[-60:]
+  stdout = proc.stdout.read()
+  proc.wait()
+  if proc.returncode not in (0, 1) or not stdout.strip():
+    raise RuntimeError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{''.join(err_tail)[-3000:]}")
+  result = json.loads(stdout.strip().splitlines()[-1])
   result["plan_wall_s"] = time.time() - t0
   tmp = out_file.with_suffix(".tmp")
   tmp.write_text(json.dumps(result, sort_keys=True))
@@ -71,6 +83,8 @@ def main(argv=None) -> int:
   p.add_argument("--cost", default="scaled", choices=("scaled", "unrolled"))
   p.add_argument("--out", default=str(REPO / "benchmarks" / "plan_results"))
   p.add_argument("--variant", default="", help="a name for the overrides that follow (kept apart in --out)")
+  p.add_argument("--no-levers", action="store_true",
+                 help=f"skip the lever table (LMFusion on {LEVER_TOPOLOGY} with each of {sorted(LEVERS)})")
   args, overrides = p.parse_known_args(argv)
   bad = [o for o in overrides if not o.startswith("--config.")]
   if bad:
@@ -88,6 +102,17 @@ def main(argv=None) -> int:
       print(f"# {config} on {topo}: done ({r.get('plan_wall_s', 0):.0f} s)", file=sys.stderr, flush=True)
       rows.append((names.get(config, config) + (f" [{args.variant}]" if args.variant else ""), r))
   print(table(rows))
+  if args.variant or args.no_levers:
+    return 0
+  lmfusion = CONFIGS["LMFusion (deep, text frozen)"]
+  base = [r for (n, r) in rows if n.startswith("LMFusion") and r["topology"] == LEVER_TOPOLOGY]
+  lever_rows = [("config default (flash attention, full remat)", base[0])] if base else []
+  for name, lever_overrides in LEVERS.items():
+    stem = f"{pathlib.Path(lmfusion).stem}__{LEVER_TOPOLOGY}__{args.cost}__{name}"
+    r = plan_one(lmfusion, LEVER_TOPOLOGY, args.cost, lever_overrides, out / f"{stem}.json")
+    lever_rows.append((f"{name}: {' '.join(lever_overrides)}", r))
+  print(f"\nLevers, LMFusion on {LEVER_TOPOLOGY} (one change each against the config default):\n")
+  print(table(lever_rows))
   return 0
 
 

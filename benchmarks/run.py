@@ -31,6 +31,8 @@ BENCHMARKS = {
                 "python benchmarks/forward_throughput.py", False),
     "sampling": ("Image sampling: cached caption prefix vs recomputing it", "python benchmarks/sampling_cache.py",
                  False),
+    "attention": ("One layer's attention on a v5p chip: XLA reference vs the Pallas flash kernel (AOT compile)",
+                  "python benchmarks/attention_kernel.py", False),
     "data": ("Data pipeline throughput and padding", "python benchmarks/data_throughput.py --batches 100", False),
     "convert_memory": ("Conversion peak memory (random ~1.2B Llama, bf16)", "python benchmarks/convert_memory.py",
                        True),

@@ -365,6 +365,9 @@ class PlanReport:
   peak_flops_per_chip: float
   cost_source: str
   compiler_message: str = ""   # the compiler's out-of-memory error, when it refused the program
+  per_layer_seconds: Optional[float] = None   # "scaled" cost: one more layer's share of the step estimate
+  per_layer_flops: Optional[float] = None     # ... and of the FLOPs (per device)
+  n_layers: int = 0
 
   @property
   def fits(self) -> bool:
@@ -428,7 +431,9 @@ def plan(cfg, topology: str, num_slices: int = 1, cost_mode: str = "scaled",
       compiled_flops_per_step=compiled_flops, model_flops=mflops, step_time_s=step_s,
       tokens_per_s=tokens / step_s if step_s else None, mfu_6nd_attn=util(mflops["six_nd_attn"]),
       mfu_required=util(mflops["required"]), hardware_flops_utilization=util(compiled_flops),
-      peak_flops_per_chip=peak, cost_source=cost["source"], compiler_message=compiler_message)
+      peak_flops_per_chip=peak, cost_source=cost["source"], compiler_message=compiler_message,
+      per_layer_seconds=cost.get("per_layer_seconds"), per_layer_flops=cost.get("per_layer_flops"),
+      n_layers=lcfg.n_layers)
 
 
 def _gib(x: float) -> str:
@@ -462,6 +467,10 @@ def format_report(r: PlanReport) -> str:
   if r.step_time_s:
     lines.append(f"  step time (compiler estimate): {r.step_time_s:.3f} s -> {r.tokens_per_s:,.0f} tokens/s, "
                  f"{r.tokens_per_s / r.chips:,.0f} tokens/s/chip")
+    if r.per_layer_seconds:
+      layers = r.per_layer_seconds * r.n_layers
+      lines.append(f"    of which the {r.n_layers} layers {layers:.3f} s ({r.per_layer_seconds * 1e3:.1f} ms each); the "
+                   f"rest (embedding, LM head, loss, image in/out, optimizer) {r.step_time_s - layers:.3f} s")
     lines.append(f"  MFU estimate: {_pct(r.mfu_6nd_attn)} (6ND+attn), {_pct(r.mfu_required)} (required FLOPs);"
                  f" hardware FLOPs utilization {_pct(r.hardware_flops_utilization)} "
                  f"(peak {r.peak_flops_per_chip / 1e12:.0f} TFLOP/s per chip)")
