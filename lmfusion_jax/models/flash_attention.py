@@ -8,7 +8,10 @@ each (block_q x block_k) tile from the per-token arrays (attention.TokenInfo):
 
 Forward: online softmax over key blocks, saving the log-sum-exp. Backward: one kernel per (batch, head)
 walks key blocks (outer) x query blocks (inner), accumulates dK/dV for the key block and dQ for the whole
-sequence in a VMEM-resident output block (so the scores are recomputed once, not twice).
+sequence in a VMEM-resident output block (so the scores are recomputed once, not twice). That block is
+q_len x head_dim fp32, double-buffered: 4 MiB at 4096 x 128; sequences beyond ~16k tokens would exceed the
+default scoped VMEM and need a separate dQ pass (the TPU compiler then refuses with a VMEM out-of-memory
+error naming lmfusion_flash_bwd, at `plan` time, before any TPU is rented).
 
 Every block is computed (no data-dependent block skipping), so the cost estimate is exact for what runs:
   forward   4 * B * H * Tq * Tk * D flops (QK^T, PV),            B * H * Tq * Tk exp
