@@ -60,20 +60,34 @@ def _f(x, fmt):
   return "n/a" if x is None else format(x, fmt)
 
 
+def checked(r: dict) -> dict:
+  """Applies plan.cost_inconsistency to a result (also to results cached before the check existed)."""
+  from lmfusion_jax.plan import cost_inconsistency
+  warning = r.get("cost_warning") or cost_inconsistency(r["compiled_flops_per_step"], r["model_flops"]["required"])
+  if warning:
+    r = {**r, "cost_warning": warning, "step_time_s": None, "tokens_per_s": None, "mfu_6nd_attn": None,
+         "mfu_required": None}
+  return r
+
+
 def table(rows) -> str:
   head = ("| model | slice | chips | HBM need / chip | fits | compiled FLOPs/step | 6ND+attn FLOPs/step | "
           "est. step time | tokens/s/chip | MFU (6ND+attn) | MFU (required FLOPs) |")
   lines = [head, "|" + "|".join(["---"] * 11) + "|"]
+  notes = []
   for name, r in rows:
+    r = checked(r)
+    if r.get("cost_warning"):
+      notes.append(f"- {name} on {r['topology']}: {r['cost_warning']}")
     mf = r["model_flops"]
     lines.append(
         f"| {name} | {r['topology']} | {r['chips']} | {r['hbm_need_bytes'] / 2**30:.1f} / "
         f"{r['hbm_capacity_bytes'] / 2**30:.0f} GiB | {'yes' if r['fits'] else 'NO'} | "
         f"{_f(r['compiled_flops_per_step'], '.3e')} | {mf['six_nd_attn']:.3e} | "
-        f"{_f(r['step_time_s'], '.2f')} s | "
+        f"{_f(r['step_time_s'], '.2f')}{' s' if r['step_time_s'] else ''} | "
         f"{_f(r['tokens_per_s'] and r['tokens_per_s'] / r['chips'], ',.0f')} | "
         f"{_f(r['mfu_6nd_attn'], '.1%')} | {_f(r['mfu_required'], '.1%')} |")
-  return "\n".join(lines)
+  return "\n".join(lines + ([""] + notes if notes else []))
 
 
 def main(argv=None) -> int:
@@ -94,6 +108,12 @@ def main(argv=None) -> int:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   names = {v: k for k, v in CONFIGS.items()}
+  print("256 sequences x 4096 tokens per step (3072 text slots + 4 images x 256 tokens), bf16 compute, fp32 "
+        "parameters, FSDP over the slice, the config defaults (flash attention, full remat). HBM from the run's "
+        "own (scanned) compile; FLOPs and step time from unrolled 2- and 3-layer compiles extrapolated per "
+        "layer; MFU = model FLOPs / (estimated step time x 459 TFLOP/s x chips). `6ND+attn` counts 6 x active "
+        "parameters per token + attention (12 x S^2 x heads x head_dim per layer and row); `required` counts "
+        "what the step must compute (frozen text weights get no weight gradient: 4x instead of 6x).\n")
   rows = []
   for config in args.configs:
     for topo in args.topologies:

@@ -333,6 +333,18 @@ def model_flops(lcfg: LlamaConfig, fcfg: FusionConfig, data_cfg, text_trainable:
           "active_params_image_token": active_image}
 
 
+def cost_inconsistency(compiled_flops: Optional[float], required_flops: float, tolerance: float = 0.95) -> str:
+  """A compiled step cannot do less work than the analytic count of what it must compute (that count leaves
+  out remat recomputation and kernel overheads, so it is a lower bound). When the per-layer extrapolation
+  lands below it, the 2- and 3-layer compiles were optimized differently (seen at 8 rows of 4096 tokens per
+  v5p chip) and neither the FLOPs nor the time estimate can be trusted: returns the message, else ""."""
+  if compiled_flops is None or compiled_flops >= tolerance * required_flops:
+    return ""
+  return (f"cost figures inconsistent: the compiled step counts {compiled_flops:.4g} FLOPs, below the "
+          f"{required_flops:.4g} the step must compute; the per-layer extrapolation is not reliable here "
+          f"(no step time or MFU reported; --cost unrolled compiles every layer)")
+
+
 def _per_device_bytes(tree) -> int:
   def one(x):
     shape = x.sharding.shard_shape(x.shape) if x.sharding is not None else x.shape
@@ -368,6 +380,7 @@ class PlanReport:
   per_layer_seconds: Optional[float] = None   # "scaled" cost: one more layer's share of the step estimate
   per_layer_flops: Optional[float] = None     # ... and of the FLOPs (per device)
   n_layers: int = 0
+  cost_warning: str = ""       # set when the cost figures fail the sanity check (then no time / MFU)
 
   @property
   def fits(self) -> bool:
@@ -418,6 +431,10 @@ def plan(cfg, topology: str, num_slices: int = 1, cost_mode: str = "scaled",
   peak = flops_lib.peak_flops_per_device(devices[0].device_kind)
   step_s = cost.get("optimal_seconds")
   compiled_flops = cost["flops"] * n_dev if cost.get("flops") is not None else None
+  cost_warning = cost_inconsistency(compiled_flops, mflops["required"])
+  if cost_warning:
+    progress(cost_warning)
+    step_s = None     # no step time / MFU from figures that cannot be right
 
   def util(f):
     return f / (step_s * peak * n_dev) if (step_s and peak and f is not None) else None
@@ -433,7 +450,7 @@ def plan(cfg, topology: str, num_slices: int = 1, cost_mode: str = "scaled",
       mfu_required=util(mflops["required"]), hardware_flops_utilization=util(compiled_flops),
       peak_flops_per_chip=peak, cost_source=cost["source"], compiler_message=compiler_message,
       per_layer_seconds=cost.get("per_layer_seconds"), per_layer_flops=cost.get("per_layer_flops"),
-      n_layers=lcfg.n_layers)
+      n_layers=lcfg.n_layers, cost_warning=cost_warning)
 
 
 def _gib(x: float) -> str:
@@ -459,6 +476,8 @@ def format_report(r: PlanReport) -> str:
   ]
   if r.compiler_message:
     lines.append(f"    (the TPU compiler refused the program: {r.compiler_message})")
+  if r.cost_warning:
+    lines.append(f"  WARNING: {r.cost_warning}")
   mf = r.model_flops
   if r.compiled_flops_per_step is not None:
     lines.append(f"  FLOPs per step: compiled {r.compiled_flops_per_step:.4g} ({r.cost_source}); model "
@@ -474,7 +493,7 @@ def format_report(r: PlanReport) -> str:
     lines.append(f"  MFU estimate: {_pct(r.mfu_6nd_attn)} (6ND+attn), {_pct(r.mfu_required)} (required FLOPs);"
                  f" hardware FLOPs utilization {_pct(r.hardware_flops_utilization)} "
                  f"(peak {r.peak_flops_per_chip / 1e12:.0f} TFLOP/s per chip)")
-  elif r.fits:
+  elif r.fits and not r.cost_warning:
     lines.append("  step time: the compiler gave no estimate for this target")
   return "\n".join(lines)
 

@@ -164,3 +164,10 @@ def test_plan_with_the_flash_kernel_counts_its_cost(matmul_plan):
   assert r["model_flops"] == matmul_plan["model_flops"]   # the MFU numerator does not depend on the kernel
   assert r["fits"] and r["step_time_s"] > 0
   assert "plan: compiling the train step (memory)" in err
+
+
+def test_cost_below_the_required_flops_is_flagged():
+  """A step cannot compute less than the analytic lower bound: such cost figures are flagged, not reported."""
+  assert plan.cost_inconsistency(3.6e16, 4.2e16).startswith("cost figures inconsistent")
+  assert plan.cost_inconsistency(5.6e16, 4.2e16) == ""
+  assert plan.cost_inconsistency(None, 4.2e16) == ""
