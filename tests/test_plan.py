@@ -171,3 +171,50 @@ def test_cost_below_the_required_flops_is_flagged():
   assert plan.cost_inconsistency(3.6e16, 4.2e16).startswith("cost figures inconsistent")
   assert plan.cost_inconsistency(5.6e16, 4.2e16) == ""
   assert plan.cost_inconsistency(None, 4.2e16) == ""
+
+
+def _fsdp_conv_grad(mesh, batch, hw, channels):
+  """Lowered gradient of a 3x3 SAME convolution, batch and output channels sharded over `mesh`'s one axis."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  x = jax.ShapeDtypeStruct((batch, hw, hw, channels), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))
+  w = jax.ShapeDtypeStruct((3, 3, channels, channels), jnp.bfloat16,
+                           sharding=NamedSharding(mesh, P(None, None, None, "fsdp")))
+
+  def loss(x, w):
+    y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return (y.astype(jnp.float32) ** 2).sum()
+  return jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w)
+
+
+def test_cost_compiles_count_every_windowed_einsum_step():
+  """At large per-chip activations the TPU SPMD partitioner turns an FSDP convolution into a windowed-einsum
+  loop whose body the cost analysis counts once. The plan's cost-compile options remove those loops: the
+  compiled FLOPs then equal the convolution's multiply-add count (numpy formula), and the default compile is
+  recognised as undercounted. The loop of a `scan` is not taken for one."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+  devices = plan.topology_devices(plan.parse_topology("v5p-16"))          # 8 chips
+  mesh = Mesh(np.array(devices), ("fsdp",))
+  batch, hw, channels = 64, 16, 768
+  lowered = _fsdp_conv_grad(mesh, batch, hw, channels)
+  # forward, input gradient and weight gradient: each one multiply-add per (output pixel, in-bounds tap,
+  # in channel, out channel); a 3-tap SAME window over n pixels has 3n - 2 in-bounds taps.
+  expected = 3 * 2 * (batch // len(devices)) * (3 * hw - 2) ** 2 * channels * channels
+  default = plan._cost(lowered.compile())
+  counted = plan._cost(lowered.compile(compiler_options=plan.COST_COMPILER_OPTIONS))
+  assert default["windowed_einsum_loops"] > 0 and default["flops"] < 0.8 * expected, (default, expected)
+  assert counted["windowed_einsum_loops"] == 0 and abs(counted["flops"] / expected - 1) < 0.01, (counted, expected)
+  assert plan.cost_inconsistency(default["flops"], 0.0, uncounted=default["windowed_einsum_loops"]).startswith(
+      "cost figures unreliable")
+
+  def scanned(w, x):                                                      # 16 steps of [8,128] @ [128,128]
+    return jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi), None), x, w)[0].sum()
+  rep = NamedSharding(mesh, P())
+  scan_compiled = jax.jit(scanned).lower(jax.ShapeDtypeStruct((16, 128, 128), jnp.float32, sharding=rep),
+                                         jax.ShapeDtypeStruct((8, 128), jnp.float32, sharding=rep)).compile()
+  assert " while(" in scan_compiled.as_text()
+  assert plan._cost(scan_compiled)["windowed_einsum_loops"] == 0

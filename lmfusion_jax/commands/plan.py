@@ -21,7 +21,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 Topologies: v4-N / v5p-N (N TensorCores = 2 per chip), v5e-N (= v5litepod-N) / v6e-N (N chips), or an
 explicit chip grid such as v5p:4x4x12. HBM per chip: v4 32 GiB, v5e 16 GiB, v5p 95 GiB, v6e 32 GiB.
 Cost figures come from unrolled compiles (a scanned layer loop is costed once): --cost scaled (default)
-compiles 2 and 3 unrolled layers and extrapolates; --cost unrolled compiles every layer (exact, slow)."""
+compiles 2 and 3 unrolled layers and extrapolates; --cost unrolled compiles every layer (exact, slow).
+Cost compiles turn windowed einsums off (their loop would be costed once too); cost figures that still
+cannot be right (a windowed-einsum loop left, or FLOPs under what the step must compute) get a WARNING line
+and no step time or MFU."""
   p.add_argument("--config", required=True, help="config file, e.g. configs/llama3_8b_lmfusion.py:v5p-128")
   p.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-128, v4-64, v5e-256, v6e-64")
   p.add_argument("--num-slices", type=int, default=1, help="multi-slice (DCN) count; the mesh's data axis "
