@@ -28,6 +28,14 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 LEVERS = {"attention_xla": ["--config.model.attention_impl=xla"],
           "remat_dots": ["--config.model.remat_policy=dots_saveable"]}
 LEVER_TOPOLOGY = "v5p-128"
+HEADER = ("256 sequences x 4096 tokens per step (3072 text slots + 4 images x 256 tokens), bf16 compute, fp32 "
+          "parameters, FSDP over the slice, the config defaults (flash attention, full remat). HBM from the "
+          "run's own (scanned) compile; FLOPs and step time from unrolled 2- and 3-layer compiles extrapolated "
+          "per layer, built with windowed einsums off (the compiler's cost analysis counts any loop body once, "
+          "and at 8 rows per chip the SPMD partitioner turns FSDP matmuls into windowed-einsum loops); MFU = "
+          "model FLOPs / (estimated step time x 459 TFLOP/s x chips). `6ND+attn` counts 6 x active parameters "
+          "per token + attention (12 x S^2 x heads x head_dim per layer and row); `required` counts what the "
+          "step must compute (frozen text weights get no weight gradient: 4x instead of 6x).")
 
 
 def plan_one(config: str, topology: str, cost: str, overrides: list, out_file: pathlib.Path) -> dict:
@@ -108,12 +116,7 @@ def main(argv=None) -> int:
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   names = {v: k for k, v in CONFIGS.items()}
-  print("256 sequences x 4096 tokens per step (3072 text slots + 4 images x 256 tokens), bf16 compute, fp32 "
-        "parameters, FSDP over the slice, the config defaults (flash attention, full remat). HBM from the run's "
-        "own (scanned) compile; FLOPs and step time from unrolled 2- and 3-layer compiles extrapolated per "
-        "layer; MFU = model FLOPs / (estimated step time x 459 TFLOP/s x chips). `6ND+attn` counts 6 x active "
-        "parameters per token + attention (12 x S^2 x heads x head_dim per layer and row); `required` counts "
-        "what the step must compute (frozen text weights get no weight gradient: 4x instead of 6x).\n")
+  print(HEADER + "\n")
   rows = []
   for config in args.configs:
     for topo in args.topologies:
