@@ -60,7 +60,7 @@ def base_setup(cfg, workdir: pathlib.Path, mesh) -> dict:
   """Dataset, tokenizer and the pretrained base LM (the demo's stages; each reused when present)."""
   from etils import epath
   from lmfusion_jax import demo
-  from lmfusion_jax.evaluate import evaluate_text_nll
+  from lmfusion_jax.evaluation.evaluate import evaluate_text_nll
   wd = epath.Path(workdir)
   wd.mkdir(parents=True, exist_ok=True)
   data_dir, tok_dir, tokenizer = demo.prepare_data(cfg, wd)
@@ -75,7 +75,7 @@ def base_setup(cfg, workdir: pathlib.Path, mesh) -> dict:
 
 def pretrain_flops(cfg) -> float:
   """Analytic FLOPs of the demo's text LM pretraining (its rows carry no images)."""
-  from lmfusion_jax import flops
+  from lmfusion_jax.planning import flops
   from lmfusion_jax.run_config import model_configs
   lcfg, fcfg, _ = model_configs(cfg)
   per_step = flops.train_step_flops(lcfg, fcfg, int(cfg.demo.text_batch), int(cfg.demo.text_seq_len), 0,
@@ -84,7 +84,7 @@ def pretrain_flops(cfg) -> float:
 
 
 def step_flops(cfg, text_trainable: bool) -> float:
-  from lmfusion_jax import flops
+  from lmfusion_jax.planning import flops
   from lmfusion_jax.run_config import model_configs
   lcfg, fcfg, _ = model_configs(cfg)
   return flops.train_step_flops(lcfg, fcfg, int(cfg.data.global_batch_size), int(cfg.data.text_len),
@@ -122,8 +122,8 @@ def run_config(base_cfg, variant: str, seed: int, steps: int, workdir: pathlib.P
 
 
 def run_one(base_cfg, variant: str, seed: int, steps: int, workdir: pathlib.Path, base: dict) -> dict:
-  from lmfusion_jax.evaluate import evaluate
-  from lmfusion_jax.train import train
+  from lmfusion_jax.evaluation.evaluate import evaluate
+  from lmfusion_jax.training.loop import train
   out = workdir / variant / f"seed{seed}"
   result_file = out / "result.json"
   if result_file.exists():
@@ -243,7 +243,7 @@ def main():
   args = ap.parse_args()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
   from lmfusion_jax import sharding
-  from lmfusion_jax.config_cli import load_config
+  from lmfusion_jax.run_config import load_config
   variants = [v for v in args.variants.split(",") if v]
   unknown = [v for v in variants if v not in VARIANTS]
   if unknown:

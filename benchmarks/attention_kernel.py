@@ -20,7 +20,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
-from lmfusion_jax import flops as flops_lib, plan, sharding  # noqa: E402
+from lmfusion_jax import sharding  # noqa: E402
+from lmfusion_jax.planning import flops as flops_lib
+from lmfusion_jax.planning import plan
 from lmfusion_jax.models import attention as attn_lib  # noqa: E402
 
 

@@ -104,7 +104,7 @@ def main():
         f"{args.shards} file(s)) in {time.time() - t:.0f}s -->")
   cli = [sys.executable, "-m", "lmfusion_jax.cli"]
   base = peak_rss_of([sys.executable, "-c", "import jax, orbax.checkpoint, flax, safetensors, lmfusion_jax.cli; "
-                      "import lmfusion_jax.params_io, lmfusion_jax.convert.hf_llama"])
+                      "import lmfusion_jax.checkpoints.params, lmfusion_jax.convert.hf_llama"])
   runs = [
       ("convert-llama --text-only (default: 64 MiB chunks)", ["--text-only"], ckpt),
       ("convert-llama --text-only --chunk-mib 16", ["--text-only", "--chunk-mib", "16"], ckpt + "_16"),

@@ -21,7 +21,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from lmfusion_jax import diffusion, generate_image as gi  # noqa: E402
+from lmfusion_jax import diffusion  # noqa: E402
+from lmfusion_jax.inference import image as gi
 from lmfusion_jax.models import sharded  # noqa: E402
 from lmfusion_jax.models.config import FusionConfig, LlamaConfig  # noqa: E402
 from lmfusion_jax.models.fusion import LMFusion  # noqa: E402

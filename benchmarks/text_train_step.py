@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from lmfusion_jax import losses  # noqa: E402
+from lmfusion_jax.training import losses
 from lmfusion_jax.models.config import LlamaConfig  # noqa: E402
 from lmfusion_jax.models.llama import Llama  # noqa: E402
 from timing import timed  # noqa: E402

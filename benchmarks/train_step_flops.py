@@ -12,8 +12,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax
 import numpy as np
 
-from lmfusion_jax import flops as flops_lib
-from lmfusion_jax import optim, sharding, train_step as ts
+from lmfusion_jax.planning import flops as flops_lib
+from lmfusion_jax import sharding
+from lmfusion_jax.training import optimizer as optim
+from lmfusion_jax.training import step as ts
 from lmfusion_jax.diffusion import DiffusionConfig
 from lmfusion_jax.models.config import FusionConfig, LlamaConfig
 from lmfusion_jax.run_config import base_config

@@ -19,8 +19,10 @@ import jax
 import numpy as np
 from etils import epath
 
-from lmfusion_jax import params_io, sharding, text_pretrain
-from lmfusion_jax.checkpoint import write_json_atomic
+from lmfusion_jax import sharding
+from lmfusion_jax.checkpoints import params as params_io
+from lmfusion_jax.training import text_pretrain
+from lmfusion_jax.checkpoints.train_state import write_json_atomic
 from lmfusion_jax.models.config import llama_config_from, fusion_config_from
 
 
@@ -77,7 +79,7 @@ def caption_with_fact(caption: str, digit: int, kind: int) -> str:
 def text_corpus(data_cfg, split: str) -> list:
   """The text LM's 'web text': the caption texts of a split of the digits data, each also followed by a
   statement about its number, plus number sentences."""
-  from lmfusion_jax.evaluate import read_records
+  from lmfusion_jax.evaluation.evaluate import read_records
   records = read_records(data_cfg, split)
   captions = [r["caption"] for r in records]
   facts = [caption_with_fact(r["caption"], r["label"], i) for i, r in enumerate(records)]
@@ -131,7 +133,8 @@ def export_and_convert(cfg, workdir, base_lm: str, tokenizer) -> str:
 
 
 def sample_grid(cfg, run_dir: str, workdir) -> str:
-  from lmfusion_jax import generate_image, model_loading
+  from lmfusion_jax.inference import image as generate_image
+  from lmfusion_jax.inference import loading as model_loading
   from lmfusion_jax.data.tfds_digits import WORDS
   from lmfusion_jax.data.tokenizer import CaptionEncoder, load_tokenizer, special_ids
   from lmfusion_jax.models import sharded
@@ -191,8 +194,8 @@ def write_report(workdir, metrics: dict, timings: dict, paths: dict, cfg) -> str
 
 
 def run_demo(cfg) -> dict:
-  from lmfusion_jax.evaluate import evaluate, evaluate_text_nll
-  from lmfusion_jax.train import train
+  from lmfusion_jax.evaluation.evaluate import evaluate, evaluate_text_nll
+  from lmfusion_jax.training.loop import train
   workdir = epath.Path(cfg.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.mesh_from_config(cfg.mesh)

@@ -49,7 +49,7 @@ def digits_data_dir(tmp_path_factory):
 
 def make_tiny_config(tokenizer_dir, data_dir, workdir):
   """configs/tiny.py pointed at a tokenizer/data dir and a workdir; short and quiet."""
-  from lmfusion_jax.config_cli import load_config
+  from lmfusion_jax.run_config import load_config
   cfg = load_config("configs/tiny.py")
   cfg.workdir = str(workdir)
   cfg.data.tokenizer_dir = tokenizer_dir
@@ -70,7 +70,7 @@ def tiny_config(tokenizer_dir, digits_data_dir, tmp_path):
 def frozen_run(tokenizer_dir, digits_data_dir, tmp_path_factory):
   """The default recipe (text frozen) trained 4 steps through the real loop on an fsdp=4 x tensor=2 mesh,
   checkpoints at steps 2 and 4. Shared by the training and evaluation tests (read-only)."""
-  from lmfusion_jax.train import train
+  from lmfusion_jax.training.loop import train
   cfg = make_tiny_config(tokenizer_dir, digits_data_dir, tmp_path_factory.mktemp("frozen") / "run")
   cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor = 1, 4, 2
   cfg.total_steps, cfg.save_every = 4, 2

@@ -14,7 +14,11 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from lmfusion_jax import caption as cap, cli, diffusion, evaluate as ev, generate_image as gi, params_io, sharding
+from lmfusion_jax import cli, diffusion, sharding
+from lmfusion_jax.inference import caption as cap
+from lmfusion_jax.evaluation import evaluate as ev
+from lmfusion_jax.inference import image as gi
+from lmfusion_jax.checkpoints import params as params_io
 from lmfusion_jax.data.sequences import layout_document
 from test_sampling import tiny_model
 

@@ -13,7 +13,8 @@ import transformers
 from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
 
-from lmfusion_jax import cli, params_io, sharding
+from lmfusion_jax import cli, sharding
+from lmfusion_jax.checkpoints import params as params_io
 from lmfusion_jax.commands import convert_llama
 from lmfusion_jax.convert import hf_llama
 from lmfusion_jax.models import fusion

@@ -9,7 +9,7 @@ import pytest
 from lmfusion_jax import sharding
 from lmfusion_jax.data import packing, pipeline, synthetic, tokenizer as tk
 from lmfusion_jax.data.batch import check_batch
-from lmfusion_jax.data.global_batch import global_batch
+from lmfusion_jax.data.batch import global_batch
 from lmfusion_jax.data.sequences import BadRecordError
 
 P_TOK = 4

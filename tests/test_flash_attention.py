@@ -113,7 +113,7 @@ def test_tpu_compile_counts_the_kernel_cost():
   """The same kernels compile for TPU (Mosaic, libtpu compile-only devices) and the compiler counts their
   cost estimate: compiled flops of forward + backward = (4 + 10) B H Tq Tk D (the kernels' matmuls), plus
   the small XLA glue (delta, GQA sums), checked against that formula."""
-  from lmfusion_jax import plan
+  from lmfusion_jax.planning import plan
   devices = plan.topology_devices(plan.parse_topology("v5p-8"))
   mesh = sharding.make_mesh(1, len(devices), 1, devices=devices)
   b, s, h, kvh, d = 2 * len(devices), 1024, 4, 2, 128

@@ -10,7 +10,9 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from lmfusion_jax import cli, generate as gen, params_io
+from lmfusion_jax import cli
+from lmfusion_jax.inference import text as gen
+from lmfusion_jax.checkpoints import params as params_io
 from lmfusion_jax.commands import convert_llama
 
 from hf_models import VOCAB, make_hf_llama

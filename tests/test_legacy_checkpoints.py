@@ -9,7 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmfusion_jax import caption as cap, generate as gen, generate_image as gi, model_loading
+from lmfusion_jax.inference import caption as cap
+from lmfusion_jax.inference import text as gen
+from lmfusion_jax.inference import image as gi
+from lmfusion_jax.inference import loading as model_loading
 from lmfusion_jax.models import sharded
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "legacy")
@@ -39,8 +42,8 @@ def test_legacy_checkpoint_outputs(name, expected):
 
 
 def test_legacy_training_workdir_resumes(expected, tmp_path):
-  from lmfusion_jax.config_cli import load_config
-  from lmfusion_jax.train import train
+  from lmfusion_jax.run_config import load_config
+  from lmfusion_jax.training.loop import train
   workdir = tmp_path / "run"
   shutil.copytree(os.path.join(FIXTURE, "train_workdir"), workdir)
   cfg = load_config("configs/tiny.py:synthetic")

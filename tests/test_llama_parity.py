@@ -8,7 +8,7 @@ import pytest
 import torch
 from flax import nnx
 
-from lmfusion_jax import generate as gen
+from lmfusion_jax.inference import text as gen
 from lmfusion_jax.convert import hf_llama
 
 from hf_models import VOCAB, make_hf_llama

@@ -1,4 +1,4 @@
-"""Tests for lmfusion_jax.metrics: CIDEr-D (hand-computed cases), caption accuracy, digit classifier, FID."""
+"""Tests for lmfusion_jax.evaluation.metrics: CIDEr-D (hand-computed cases), caption accuracy, digit classifier, FID."""
 import math
 
 import jax
@@ -7,7 +7,7 @@ import pytest
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from lmfusion_jax.metrics import (DIGIT_WORDS, caption_accuracy, cider_d, classify, digit_feature_fn,
+from lmfusion_jax.evaluation.metrics import (DIGIT_WORDS, caption_accuracy, cider_d, classify, digit_feature_fn,
                                   fid_from_features, fid_from_images, fit_digit_classifier,
                                   frechet_distance, generation_accuracy, mentioned_labels, resize_area,
                                   tokenize)

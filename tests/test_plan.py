@@ -8,8 +8,10 @@ import json
 
 import pytest
 
-from lmfusion_jax import cli, flops as flops_lib, plan
-from lmfusion_jax.config_cli import apply_overrides, load_config
+from lmfusion_jax import cli
+from lmfusion_jax.planning import flops as flops_lib
+from lmfusion_jax.planning import plan
+from lmfusion_jax.run_config import apply_overrides, load_config
 from lmfusion_jax.run_config import model_configs
 
 # Slice shapes as Google's Cloud TPU documentation lists them (accelerator type -> chips, chip grid).

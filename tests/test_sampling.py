@@ -11,7 +11,10 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from lmfusion_jax import cli, diffusion, generate_image as gi, model_loading, params_io
+from lmfusion_jax import cli, diffusion
+from lmfusion_jax.inference import image as gi
+from lmfusion_jax.inference import loading as model_loading
+from lmfusion_jax.checkpoints import params as params_io
 from lmfusion_jax.models.config import FusionConfig, LlamaConfig
 from lmfusion_jax.models import sharded
 from lmfusion_jax.models.fusion import LMFusion

@@ -5,14 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lmfusion_jax import checkpoint as ckpt_lib
-from lmfusion_jax import flops as flops_lib
-from lmfusion_jax import optim, sharding, train_step as ts
+from lmfusion_jax.checkpoints import train_state as ckpt_lib
+from lmfusion_jax.planning import flops as flops_lib
+from lmfusion_jax import sharding
+from lmfusion_jax.training import optimizer as optim
+from lmfusion_jax.training import step as ts
 from lmfusion_jax.data.pipeline import make_eval_iterator
 from lmfusion_jax.data.tokenizer import load_tokenizer
 from lmfusion_jax.models import sharded
 from lmfusion_jax.run_config import model_configs
-from lmfusion_jax.train import global_batch, resolve_special_ids, train
+from lmfusion_jax.training.loop import global_batch, resolve_special_ids, train
 
 
 def resolved(cfg):
@@ -200,7 +202,7 @@ def test_gradient_accumulation_averages_microbatch_gradients(tiny_config):
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_config):
-  from lmfusion_jax.train import NonFiniteLossError
+  from lmfusion_jax.training.loop import NonFiniteLossError
   cfg = tiny_config
   cfg.optim.image_lr = cfg.optim.image_final_lr = 1e30  # the first update blows the image weights up
   cfg.optim.warmup_steps = 0
@@ -221,9 +223,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_c
 def test_init_from_a_text_only_checkpoint_builds_the_image_branch(tiny_config, tmp_path, separation, image_init):
   """`init_from` a text-only params checkpoint (e.g. the demo's pretrained LM): text restored exactly, the
   image branch built for the run's separation mode with the model's exact tree (no `layers` for none)."""
-  from lmfusion_jax import params_io
+  from lmfusion_jax.checkpoints import params as params_io
   from lmfusion_jax.models.decoder import IMAGE_LAYER_KEYS
-  from lmfusion_jax.train import load_init_params
+  from lmfusion_jax.training.loop import load_init_params
   cfg = tiny_config
   cfg.fusion.separation, cfg.fusion.image_init = separation, image_init
   spec, _ = resolved(cfg)

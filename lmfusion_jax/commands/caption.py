@@ -49,7 +49,8 @@ def load_image(path: str, size: int, channels: int) -> np.ndarray:
 
 def run(args) -> int:
   import jax.numpy as jnp
-  from lmfusion_jax import caption, model_loading
+  from lmfusion_jax.inference import caption
+  from lmfusion_jax.inference import loading as model_loading
   from lmfusion_jax.data.tokenizer import load_tokenizer
   from lmfusion_jax.models import sharded
 

@@ -16,7 +16,7 @@ from typing import Callable, Optional, Union
 
 import numpy as np
 
-from lmfusion_jax import params_io
+from lmfusion_jax.checkpoints import params as params_io
 from lmfusion_jax.convert import hf_llama
 from lmfusion_jax.models.config import IMAGE_IO, SEPARATIONS, ConfigError, FusionConfig, LlamaConfig
 

@@ -24,7 +24,7 @@ examples:
 
 
 def run(args) -> int:
-  from lmfusion_jax.config_cli import apply_overrides, load_config
+  from lmfusion_jax.run_config import apply_overrides, load_config
   from lmfusion_jax.demo import run_demo
   cfg = apply_overrides(load_config(args.config), args.overrides)
   cfg.workdir = args.workdir

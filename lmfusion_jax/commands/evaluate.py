@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-  from lmfusion_jax.evaluate import evaluate, to_json
+  from lmfusion_jax.evaluation.evaluate import evaluate, to_json
   result = evaluate(args.checkpoint, args.config, args.overrides, step=args.step)
   text = to_json(result)
   if args.output:

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 
-from lmfusion_jax import params_io
+from lmfusion_jax.checkpoints import params as params_io
 from lmfusion_jax.convert import hf_llama
 from lmfusion_jax.models.config import ConfigError
 

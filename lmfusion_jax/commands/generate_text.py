@@ -13,7 +13,8 @@ import json
 
 from etils import epath
 
-from lmfusion_jax import generate, params_io
+from lmfusion_jax.inference import text as generate
+from lmfusion_jax.checkpoints import params as params_io
 from lmfusion_jax.models.config import ConfigError
 
 

@@ -35,8 +35,8 @@ and no step time or MFU."""
 
 
 def run(args) -> int:
-  from lmfusion_jax import plan as plan_lib
-  from lmfusion_jax.config_cli import apply_overrides, load_config
+  from lmfusion_jax.planning import plan as plan_lib
+  from lmfusion_jax.run_config import apply_overrides, load_config
   cfg = apply_overrides(load_config(args.config), args.overrides)
   report = plan_lib.plan(cfg, args.topology, num_slices=args.num_slices, cost_mode=args.cost,
                          progress=lambda msg: print(f"plan: {msg}", file=sys.stderr, flush=True))

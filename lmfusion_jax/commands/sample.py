@@ -45,7 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-  from lmfusion_jax import generate_image, model_loading
+  from lmfusion_jax.inference import image as generate_image
+  from lmfusion_jax.inference import loading as model_loading
   from lmfusion_jax.convert.diffusers_vae import load_vae
   from lmfusion_jax.data.tokenizer import CaptionEncoder, load_tokenizer, special_ids
   from lmfusion_jax.models import sharded

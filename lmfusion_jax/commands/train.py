@@ -23,8 +23,8 @@ The run resumes from the workdir's latest checkpoint when there is one."""
 
 
 def run(args) -> int:
-  from lmfusion_jax.config_cli import apply_overrides, load_config
-  from lmfusion_jax.train import NonFiniteLossError, train
+  from lmfusion_jax.run_config import apply_overrides, load_config
+  from lmfusion_jax.training.loop import NonFiniteLossError, train
   cfg = apply_overrides(load_config(args.config), args.overrides)
   try:
     metrics = train(cfg)

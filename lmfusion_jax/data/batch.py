@@ -25,7 +25,11 @@ with the caption dropped (empty) for classifier-free guidance training.
 """
 from __future__ import annotations
 
+import jax
 import numpy as np
+from jax.sharding import Mesh
+
+from lmfusion_jax.sharding import batch_sharding
 
 TEXT_KEYS = ("tokens", "text_positions", "text_segment_ids", "targets", "loss_mask")
 IMAGE_KEYS = ("latents", "image_positions", "image_segment_ids", "image_first")
@@ -57,3 +61,19 @@ def check_batch(batch: dict, text_len: int | None = None, image_slots: int | Non
     raise BatchError(f"batch field 'latents' has {lat[1]} image slots, config says {image_slots}")
   if not np.all(np.isfinite(batch["latents"])):
     raise BatchError("batch field 'latents' contains NaN or Inf")
+
+
+# Host-local numpy batches -> global jax Arrays sharded over ("data", "fsdp") on the batch dimension: every
+# process passes its own local batch (global_batch_size / process_count rows); the global array's batch
+# dimension is the concatenation over processes in process order.
+def global_batch(host_batch: dict, mesh: Mesh) -> dict:
+  """{field: numpy [local_batch, ...]} -> {field: jax.Array [global_batch, ...]} (batch-sharded)."""
+  out = {}
+  for name, value in host_batch.items():
+    value = np.asarray(value)
+    try:
+      out[name] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+    except Exception as e:  # jax raises ValueError / TypeError / AssertionError for bad shapes
+      raise ValueError(f"global_batch: field {name!r} with local shape {value.shape} cannot be sharded "
+                       f"over mesh {dict(mesh.shape)} along ('data', 'fsdp'): {e}") from e
+  return out

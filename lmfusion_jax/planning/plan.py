@@ -25,7 +25,7 @@ How the compiler's figures are read:
           Two model-FLOPs conventions are reported:
             "6ND+attn": 6 x active params x tokens + attention (the usual convention; every token counted as
                         if all its weights were trained),
-            "required": what the step must compute (lmfusion_jax.flops: 4x weights for tokens whose weights
+            "required": what the step must compute (lmfusion_jax.planning.flops: 4x weights for tokens whose weights
                         are frozen, 6x for trained ones, + attention + U-Net), never more than 6ND+attn.
           Attention is counted over the full S x S score matrix, as the XLA reference kernel computes it.
 
@@ -46,9 +46,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from lmfusion_jax import flops as flops_lib
-from lmfusion_jax import optim, sharding
-from lmfusion_jax import train_step as ts
+from lmfusion_jax.planning import flops as flops_lib
+from lmfusion_jax import sharding
+from lmfusion_jax.training import optimizer as optim
+from lmfusion_jax.training import step as ts
 from lmfusion_jax.data import batch as batch_lib
 from lmfusion_jax.models.config import FusionConfig, LlamaConfig
 from lmfusion_jax.run_config import model_configs

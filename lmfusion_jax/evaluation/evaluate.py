@@ -31,10 +31,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from lmfusion_jax import caption as caption_lib
-from lmfusion_jax import generate_image, losses, metrics, model_loading, train_step as ts
-from lmfusion_jax.config_cli import apply_overrides, load_config
-from lmfusion_jax.data.global_batch import global_batch
+from lmfusion_jax.inference import caption as caption_lib
+from lmfusion_jax.inference import image as generate_image
+from lmfusion_jax.training import losses
+from lmfusion_jax.evaluation import metrics
+from lmfusion_jax.inference import loading as model_loading
+from lmfusion_jax.training import step as ts
+from lmfusion_jax.run_config import apply_overrides, load_config
+from lmfusion_jax.data.batch import global_batch
 from lmfusion_jax.data.packing import empty_row, pack_documents
 from lmfusion_jax.data.sequences import as_text, layout_document, record_id_of
 from lmfusion_jax.models import sharded

@@ -20,7 +20,7 @@ from typing import Callable
 import numpy as np
 from scipy import linalg
 
-from lmfusion_jax.metrics.digit_classifier import DigitClassifier, decision_features
+from lmfusion_jax.evaluation.metrics.digit_classifier import DigitClassifier, decision_features
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]   # images [N, ...] -> features [N, D]
 

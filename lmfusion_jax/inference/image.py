@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from lmfusion_jax import diffusion
-from lmfusion_jax.generate import left_pad
+from lmfusion_jax.inference.text import left_pad
 from lmfusion_jax.models import decoder
 from lmfusion_jax.models.attention import TokenInfo
 

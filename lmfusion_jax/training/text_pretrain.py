@@ -12,7 +12,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lmfusion_jax import losses, sharding
+from lmfusion_jax import sharding
+from lmfusion_jax.training import losses
 from lmfusion_jax.models.config import LlamaConfig
 from lmfusion_jax.models.llama import Llama
 

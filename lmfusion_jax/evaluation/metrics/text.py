@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from lmfusion_jax.metrics.cider import tokenize
+from lmfusion_jax.evaluation.metrics.cider import tokenize
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 

@@ -1,10 +1,10 @@
 """Evaluation metrics: CIDEr-D, caption accuracy, digit-classifier accuracy, Frechet distance."""
-from lmfusion_jax.metrics.cider import cider_d, tokenize
-from lmfusion_jax.metrics.digit_classifier import (DigitClassifier, classify, decision_features,
+from lmfusion_jax.evaluation.metrics.cider import cider_d, tokenize
+from lmfusion_jax.evaluation.metrics.digit_classifier import (DigitClassifier, classify, decision_features,
                                                    fit_digit_classifier, generation_accuracy, resize_area)
-from lmfusion_jax.metrics.fid import (FeatureFn, digit_feature_fn, fid_from_features, fid_from_images,
+from lmfusion_jax.evaluation.metrics.fid import (FeatureFn, digit_feature_fn, fid_from_features, fid_from_images,
                                       frechet_distance, gaussian_stats)
-from lmfusion_jax.metrics.text import DIGIT_WORDS, caption_accuracy, mentioned_labels
+from lmfusion_jax.evaluation.metrics.text import DIGIT_WORDS, caption_accuracy, mentioned_labels
 
 __all__ = [
     "DIGIT_WORDS", "DigitClassifier", "FeatureFn", "caption_accuracy", "cider_d", "classify",

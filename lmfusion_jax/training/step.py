@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from lmfusion_jax import diffusion, losses, sharding
+from lmfusion_jax import diffusion, sharding
+from lmfusion_jax.training import losses
 from lmfusion_jax.data import batch as batch_lib
 from lmfusion_jax.models import sharded
 from lmfusion_jax.models.config import FusionConfig, LlamaConfig

@@ -17,10 +17,14 @@ import jax
 import numpy as np
 from etils import epath
 
-from lmfusion_jax import checkpoint as ckpt_lib
-from lmfusion_jax import distributed, flops as flops_lib, optim, sharding, train_step as ts
+from lmfusion_jax.checkpoints import train_state as ckpt_lib
+from lmfusion_jax import sharding
+from lmfusion_jax.training import distributed
+from lmfusion_jax.planning import flops as flops_lib
+from lmfusion_jax.training import optimizer as optim
+from lmfusion_jax.training import step as ts
 from lmfusion_jax.data import batch as batch_lib
-from lmfusion_jax.data.global_batch import global_batch as data_global_batch
+from lmfusion_jax.data.batch import global_batch as data_global_batch
 from lmfusion_jax.models import sharded
 from lmfusion_jax.models.config import ConfigError
 from lmfusion_jax.run_config import model_configs
@@ -100,7 +104,7 @@ class _Preemption:
 def load_init_params(path, lcfg, fcfg, mesh, seed: int) -> dict:
   """Params from a `convert-llama` checkpoint, checked against the run's architecture. A checkpoint without
   an `image` branch (or with one of another separation mode) gets a fresh image branch from its text."""
-  from lmfusion_jax import params_io
+  from lmfusion_jax.checkpoints import params as params_io
   from lmfusion_jax.models.fusion import init_image_params
   ck_l, ck_f = params_io.read_model_config(path)
   arch = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "tie_embeddings")

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lmfusion_jax import generate, generate_image
+from lmfusion_jax.inference import text as generate
+from lmfusion_jax.inference import image as generate_image
 from lmfusion_jax.models import decoder
 from lmfusion_jax.models.attention import TokenInfo
 from lmfusion_jax.models.fusion import image_token_info

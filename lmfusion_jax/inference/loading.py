@@ -18,8 +18,9 @@ from typing import NamedTuple, Optional
 from etils import epath
 from jax.sharding import Mesh
 
-from lmfusion_jax import checkpoint as ckpt_lib
-from lmfusion_jax import params_io, sharding
+from lmfusion_jax.checkpoints import train_state as ckpt_lib
+from lmfusion_jax import sharding
+from lmfusion_jax.checkpoints import params as params_io
 from lmfusion_jax.diffusion import DiffusionConfig
 from lmfusion_jax.models.config import ConfigError, FusionConfig, LlamaConfig, fusion_config_from, llama_config_from
 
