@@ -49,7 +49,7 @@ def bench(name, batch, seq, repeats):
     ref = hf(tt).logits.numpy()
     t_hf = timed(lambda: hf(tt).logits, repeats)
   for scan in (False, True):
-    model = gen.text_model(cfg.replace(scan_layers=scan), params)
+    model = sharded.model(cfg.replace(scan_layers=scan), None, {"text": params})
     graphdef, state = nnx.split(model)
     fwd = jax.jit(lambda s, t: nnx.merge(graphdef, s)(t)[0])
     x = jnp.asarray(tokens)

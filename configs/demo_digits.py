@@ -5,7 +5,7 @@ convert-llama -> LMFusion training with the text frozen -> eval -> report. The t
   lmfusion-jax demo --workdir /tmp/demo-ci --config configs/demo_digits.py:ci   # CI-sized smoke run
 """
 from configs import tiny
-from lmfusion_jax.evaluation.evaluate import default_eval_config
+from lmfusion_jax.evaluation.setup import default_eval_config
 
 
 def get_config(arg: str = ""):

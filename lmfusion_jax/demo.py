@@ -21,8 +21,8 @@ from etils import epath
 
 from lmfusion_jax import sharding
 from lmfusion_jax.checkpoints import params as params_io
+from lmfusion_jax.checkpoints.files import write_json, write_text
 from lmfusion_jax.training import text_pretrain
-from lmfusion_jax.checkpoints.train_state import write_json_atomic
 from lmfusion_jax.models.config import llama_config_from, fusion_config_from
 
 
@@ -79,7 +79,7 @@ def caption_with_fact(caption: str, digit: int, kind: int) -> str:
 def text_corpus(data_cfg, split: str) -> list:
   """The text LM's 'web text': the caption texts of a split of the digits data, each also followed by a
   statement about its number, plus number sentences."""
-  from lmfusion_jax.evaluation.evaluate import read_records
+  from lmfusion_jax.evaluation.setup import read_records
   records = read_records(data_cfg, split)
   captions = [r["caption"] for r in records]
   facts = [caption_with_fact(r["caption"], r["label"], i) for i, r in enumerate(records)]
@@ -119,8 +119,7 @@ def pretrain_base_lm(cfg, workdir, tokenizer, mesh) -> str:
 
 
 def export_and_convert(cfg, workdir, base_lm: str, tokenizer) -> str:
-  from lmfusion_jax.commands.convert_llama import convert
-  from lmfusion_jax.commands.export_llama import export
+  from lmfusion_jax.convert.llama_checkpoint import convert, export
   from lmfusion_jax.data.tokenizer import special_ids
   hf_dir, converted = workdir / "hf_base_lm", workdir / "converted"
   if not hf_dir.exists():
@@ -133,25 +132,22 @@ def export_and_convert(cfg, workdir, base_lm: str, tokenizer) -> str:
 
 
 def sample_grid(cfg, run_dir: str, workdir) -> str:
-  from lmfusion_jax.inference import image as generate_image
-  from lmfusion_jax.inference import loading as model_loading
   from lmfusion_jax.data.tfds_digits import WORDS
   from lmfusion_jax.data.tokenizer import CaptionEncoder, load_tokenizer, special_ids
-  from lmfusion_jax.models import sharded
-  loaded = model_loading.load_model(run_dir)
-  model = sharded.merge(*sharded.graphdef_and_abstract_state(loaded.llama, loaded.fusion), loaded.params)
+  from lmfusion_jax.inference import image, image_files, loading
+  loaded = loading.load_model(run_dir)
   tok = load_tokenizer(cfg.data.tokenizer_dir)
   enc = CaptionEncoder(tok)
   n = int(cfg.demo.samples_per_digit)
   prompts = [f"a handwritten digit {w}" for w in WORDS]
   ids = [enc(p) for p in prompts for _ in range(n)]
-  lat = generate_image.generate_images(model, ids, loaded.diffusion, num_steps=int(cfg.demo.sample_steps),
-                                       sampler=str(cfg.demo.sampler), cfg_scale=float(cfg.demo.cfg_scale),
-                                       seed=int(cfg.seed), clip_x0=1.0, pad_id=special_ids(tok)["pad"])
-  images = generate_image.decode_to_images(np.asarray(lat))
-  grid = generate_image.contact_sheet(generate_image.upscale(images, 4), columns=n)
+  lat = image.generate_images(loaded.model(), ids, loaded.diffusion, num_steps=int(cfg.demo.sample_steps),
+                              sampler=str(cfg.demo.sampler), cfg_scale=float(cfg.demo.cfg_scale),
+                              seed=int(cfg.seed), clip_x0=1.0, pad_id=special_ids(tok)["pad"])
+  images = image_files.decode_to_images(np.asarray(lat))
+  grid = image_files.contact_sheet(image_files.upscale(images, 4), columns=n)
   path = workdir / "samples_grid.png"
-  generate_image.write_png(str(path), grid)
+  image_files.write_png(str(path), grid)
   return str(path)
 
 
@@ -186,11 +182,7 @@ def write_report(workdir, metrics: dict, timings: dict, paths: dict, cfg) -> str
   lines += ["", "## Stages", "", "| stage | seconds |", "|---|---|"]
   lines += [f"| {k} | {v:.1f} |" for k, v in timings.items()]
   lines += ["", "## Files", ""] + [f"- {k}: `{v}`" for k, v in paths.items()]
-  path = workdir / "report.md"
-  tmp = workdir / "report.md.tmp"
-  tmp.write_text("\n".join(lines) + "\n")
-  tmp.replace(path)
-  return str(path)
+  return str(write_text(workdir / "report.md", "\n".join(lines) + "\n"))
 
 
 def run_demo(cfg) -> dict:
@@ -235,7 +227,7 @@ def run_demo(cfg) -> dict:
            "base text LM (params checkpoint)": base_lm, "base text LM (Hugging Face)": str(workdir / "hf_base_lm"),
            "converted LMFusion init": converted, "training run": str(run_dir),
            "metrics": str(workdir / "metrics.json")}
-  write_json_atomic(workdir / "metrics.json", {"metrics": metrics, "timings_s": timings})
+  write_json(workdir / "metrics.json", {"metrics": metrics, "timings_s": timings})
   report = write_report(workdir, metrics, timings, paths, cfg)
   log(f"report: {report}")
   for k, v in paths.items():

@@ -114,7 +114,7 @@ def test_sampler_matches_numpy_reference(temperature, top_p):
 def test_tiny_top_p_is_greedy_and_max_len_checked(setup):
   _, _, root = setup
   cfg, _ = params_io.read_model_config(root / "ckpt")
-  model = gen.text_model(cfg, params_io.load_params(root / "ckpt", subtree="text"))
+  model = sharded.model(cfg, None, {"text": params_io.load_params(root / "ckpt", subtree="text")})
   prompts = [[1, 40, 41, 42], [1, 7]]
   greedy = gen.generate(model, prompts, 12, eos_ids=())
   nucleus = gen.generate(model, prompts, 12, temperature=1.0, top_p=1e-6, seed=3, eos_ids=())

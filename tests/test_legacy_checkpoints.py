@@ -14,6 +14,7 @@ from lmfusion_jax.inference import text as gen
 from lmfusion_jax.inference import image as gi
 from lmfusion_jax.inference import loading as model_loading
 from lmfusion_jax.models import sharded
+from lmfusion_jax.models.inputs import ImageInputs, TextInputs
 
 FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "legacy")
 MODEL_INPUTS = ("tokens", "text_positions", "text_segment_ids", "latents", "timesteps", "image_positions",
@@ -28,8 +29,10 @@ def expected():
 @pytest.mark.parametrize("name", ["params_ckpt", "train_workdir"])
 def test_legacy_checkpoint_outputs(name, expected):
   loaded = model_loading.load_model(os.path.join(FIXTURE, name))
-  model = sharded.merge(*sharded.graphdef_and_abstract_state(loaded.llama, loaded.fusion), loaded.params)
-  logits, eps, _ = model(*(jnp.asarray(expected[k]) for k in MODEL_INPUTS))
+  model = loaded.model()
+  e = {k: jnp.asarray(expected[k]) for k in MODEL_INPUTS}
+  logits, eps, _ = model(TextInputs(e["tokens"], e["text_positions"], e["text_segment_ids"]),
+                         ImageInputs(e["latents"], e["timesteps"], e["image_positions"], e["image_segment_ids"]))
   np.testing.assert_allclose(np.asarray(logits), expected[f"{name}/logits"], rtol=0, atol=1e-6)
   np.testing.assert_allclose(np.asarray(eps), expected[f"{name}/eps"], rtol=0, atol=1e-6)
   ids = cap.caption_latents(model, expected["caption_latents"], 8, eos_ids=())
@@ -37,7 +40,7 @@ def test_legacy_checkpoint_outputs(name, expected):
   lat = gi.generate_images(model, [[5, 6, 7], [8]], loaded.diffusion, num_steps=4, sampler="ddim",
                            cfg_scale=2.0, seed=1)
   np.testing.assert_allclose(np.asarray(lat), expected[f"{name}/image_latents"], rtol=0, atol=1e-5)
-  toks = gen.generate(gen.text_model(loaded.llama, loaded.params["text"]), [[1, 5, 6], [1, 9]], 6, eos_ids=())
+  toks = gen.generate(sharded.model(loaded.llama, None, {"text": loaded.params["text"]}), [[1, 5, 6], [1, 9]], 6, eos_ids=())
   np.testing.assert_array_equal(np.asarray(toks), expected[f"{name}/text_ids"])
 
 

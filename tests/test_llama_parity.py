@@ -50,7 +50,7 @@ def test_configs_round_trip_the_hf_fields(variants):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_logits_match_transformers(variants, variant, scan):
   hf, cfg, params, _ = variants[variant]
-  model = gen.text_model(cfg.replace(scan_layers=scan), params)
+  model = sharded.model(cfg.replace(scan_layers=scan), None, {"text": params})
   tokens = np.random.RandomState(1).randint(0, VOCAB, (3, 40))
   ref = hf_logits(hf, tokens)
   ours, _ = model(jnp.asarray(tokens))
@@ -61,7 +61,7 @@ def test_logits_match_transformers(variants, variant, scan):
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_greedy_generation_matches_transformers(variants, variant):
   hf, cfg, params, _ = variants[variant]
-  model = gen.text_model(cfg, params)
+  model = sharded.model(cfg, None, {"text": params})
   prompt = [1, 17, 93, 201, 5, 44]
   ours = gen.generate(model, [prompt], 32, eos_ids=())[0]
   with torch.no_grad():
@@ -73,7 +73,7 @@ def test_greedy_generation_matches_transformers(variants, variant):
 
 def test_generation_stops_at_eos_like_transformers(variants):
   hf, cfg, params, _ = variants["gqa"]
-  model = gen.text_model(cfg, params)
+  model = sharded.model(cfg, None, {"text": params})
   prompt = [1, 8, 9, 10]
   with torch.no_grad():
     free = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12, min_new_tokens=12,
@@ -87,7 +87,7 @@ def test_generation_stops_at_eos_like_transformers(variants):
 
 def test_left_padded_batch_equals_each_prompt_alone(variants):
   hf, cfg, params, _ = variants["llama3_rope"]
-  model = gen.text_model(cfg, params)
+  model = sharded.model(cfg, None, {"text": params})
   prompts = [[1, 5, 6, 7, 8, 9, 10, 11], [1, 200], [1, 42, 43, 44]]
   batch = gen.generate(model, prompts, 10, eos_ids=())
   for p, out in zip(prompts, batch):
@@ -102,7 +102,7 @@ def test_kv_cache_logits_equal_full_recompute(variants, variant):
   """Prefill a (left-padded) batch, feed given continuation tokens one by one through the cache, and
   compare every step's logits with one forward pass over the whole sequence."""
   _, cfg, params, _ = variants[variant]
-  model = gen.text_model(cfg, params)
+  model = sharded.model(cfg, None, {"text": params})
   rng = np.random.RandomState(3)
   prompts = [rng.randint(0, VOCAB, 9).tolist(), rng.randint(0, VOCAB, 4).tolist()]
   cont = rng.randint(0, VOCAB, (2, 7))

@@ -177,7 +177,7 @@ def test_sample_cli_writes_pngs_matching_the_library(tmp_path, tokenizer_dir):
   loaded = model_loading.load_model(tmp_path / "ckpt")          # what the CLI restored (8 fake devices)
   for a, b in zip(jax.tree.leaves(loaded.params), jax.tree.leaves(nnx.to_pure_dict(nnx.state(m))), strict=True):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-  restored = sharded.merge(*sharded.graphdef_and_abstract_state(loaded.llama, loaded.fusion), loaded.params)
+  restored = sharded.model(loaded.llama, loaded.fusion, loaded.params)
   enc = CaptionEncoder(tok)
   want = gi.decode_to_images(gi.generate_images(
       restored, [enc(e["prompt"]) for e in manifest], DCFG, num_steps=3, cfg_scale=2.0, seed=5, clip_x0=1.0,

@@ -26,17 +26,16 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import jax
 import numpy as np
 from etils import epath
-from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding
 import orbax.checkpoint as ocp_v0
 from orbax.checkpoint import multihost
 import orbax.checkpoint.experimental.v1 as ocp
 import tensorstore as ts
 
-from lmfusion_jax import sharding
+from lmfusion_jax.checkpoints.files import CheckpointError, write_text
 from lmfusion_jax.models.config import (DTYPES, ConfigError, FusionConfig, LlamaConfig, fusion_config_from,
                                         llama_config_from)
-from lmfusion_jax.models.params import abstract_split
+from lmfusion_jax.models import sharded
 
 CONFIG_FILE = "lmfusion.json"
 PARAMS_DIR = "params"
@@ -44,10 +43,6 @@ PARAMS_DIR = "params"
 PYTREE_DIR = "state"
 FORMAT_VERSION = 1
 TMP_SUFFIX = ".lmfusion-tmp"
-
-
-class CheckpointError(ValueError):
-  """A params checkpoint is missing, incomplete or does not match the model; the message says which."""
 
 
 # --- Config -----------------------------------------------------------------------------------------------
@@ -70,23 +65,6 @@ def read_model_config(path) -> Tuple[LlamaConfig, Optional[FusionConfig]]:
   except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
     raise CheckpointError(f"{f}: cannot read the model config: {e}") from e
   return llama, fusion
-
-
-# --- Logical names and shardings ----------------------------------------------------------------------------
-def abstract_state(llama_cfg: LlamaConfig, fusion_cfg: Optional[FusionConfig] = None) -> nnx.State:
-  """Abstract nnx.State {"text": ..., ["image": ...]} (ShapeDtypeStruct leaves with logical-name metadata)."""
-  if fusion_cfg is not None:
-    from lmfusion_jax.models import fusion  # the fusion model pulls in the image modules
-    return nnx.state(fusion.abstract_model(llama_cfg, fusion_cfg))
-  from lmfusion_jax.models.llama import Llama
-  _, state = abstract_split(lambda: Llama(llama_cfg, rngs=nnx.Rngs(0)))
-  return nnx.State({"text": state})
-
-
-def param_shardings(llama_cfg: LlamaConfig, fusion_cfg: Optional[FusionConfig], mesh: Mesh,
-                    rules: Optional[dict] = None) -> dict:
-  """NamedSharding per parameter (pure dict {"text", ["image"]}) on `mesh`, from the logical axis names."""
-  return sharding.state_shardings(abstract_state(llama_cfg, fusion_cfg), mesh, rules)
 
 
 # --- Writing ----------------------------------------------------------------------------------------------
@@ -274,12 +252,9 @@ def _remove(p: Optional[epath.Path]) -> None:
 
 def _commit(work: epath.Path, path: epath.Path, llama_cfg, fusion_cfg, overwrite: bool) -> None:
   """Writes lmfusion.json (last: it marks the checkpoint complete) and moves `work` to `path`."""
-  text = _config_json(llama_cfg, fusion_cfg)
+  write_text((path if work == path else work) / CONFIG_FILE, _config_json(llama_cfg, fusion_cfg))
   if work == path:  # remote: written in place
-    (path / CONFIG_FILE).write_text(text)
     return
-  (work / (CONFIG_FILE + ".tmp")).write_text(text)
-  (work / (CONFIG_FILE + ".tmp")).rename(work / CONFIG_FILE)
   if path.exists() and overwrite:
     path.rmtree()
   work.rename(path)
@@ -340,7 +315,7 @@ def load_params(path, mesh: Optional[Mesh] = None, shardings: Optional[dict] = N
   p = _path(path)
   llama_cfg, fusion_cfg = read_model_config(p)
   on_disk = _select(ocp.metadata(p / PARAMS_DIR).metadata, subtree, f"{p / PARAMS_DIR}")
-  expected = _select(nnx.to_pure_dict(abstract_state(llama_cfg, fusion_cfg)), subtree, "the model described by lmfusion.json")
+  expected = _select(sharded.abstract_params(llama_cfg, fusion_cfg), subtree, "the model described by lmfusion.json")
   disk_flat, exp_flat = _flat(on_disk), _flat(expected)
   missing = sorted(set(exp_flat) - set(disk_flat))
   unexpected = sorted(set(disk_flat) - set(exp_flat))
@@ -355,7 +330,7 @@ def load_params(path, mesh: Optional[Mesh] = None, shardings: Optional[dict] = N
     raise CheckpointError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
   if shardings is None:
     if mesh is not None:
-      shardings = _select(param_shardings(llama_cfg, fusion_cfg, mesh), subtree, "shardings")
+      shardings = _select(sharded.model_shardings(llama_cfg, fusion_cfg, mesh), subtree, "shardings")
     else:
       device = SingleDeviceSharding(jax.local_devices()[0])
       shardings = jax.tree.map(lambda _: device, on_disk)

@@ -6,7 +6,6 @@ mesh loads on any other. The run's resolved config is written beside the steps a
 """
 from __future__ import annotations
 
-import json
 from typing import Optional
 
 import grain
@@ -14,18 +13,10 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from lmfusion_jax.checkpoints.files import CheckpointError
+
 RUN_CONFIG = "run_config.json"
-
-
-class CheckpointError(ValueError):
-  pass
-
-
-def write_json_atomic(path: epath.Path, obj) -> None:
-  path = epath.Path(path)
-  tmp = path.parent / (path.name + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
-  tmp.replace(path)
+CHECKPOINTS_DIR = "checkpoints"   # WORKDIR/checkpoints/<step>/{state,data}
 
 
 class Checkpointer:

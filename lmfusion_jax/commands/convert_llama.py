@@ -10,14 +10,10 @@ is checked against config.json before anything is written; on any error nothing 
 from __future__ import annotations
 
 import argparse
-import functools
 import time
-from typing import Callable, Optional, Union
 
-import numpy as np
 
-from lmfusion_jax.checkpoints import params as params_io
-from lmfusion_jax.convert import hf_llama
+from lmfusion_jax.convert import hf_llama, llama_checkpoint
 from lmfusion_jax.models.config import IMAGE_IO, SEPARATIONS, ConfigError, FusionConfig, LlamaConfig
 
 DEFAULTS = FusionConfig()
@@ -70,68 +66,10 @@ def fusion_config(args, cfg: LlamaConfig) -> FusionConfig:
   return fcfg
 
 
-def convert(hf_dir, out, *, dtype: Optional[str] = None,
-            fusion_cfg: Union[None, FusionConfig, Callable[[LlamaConfig], FusionConfig]] = None,
-            seed: int = 0, overwrite: bool = False, chunk_mib: int = 64,
-            chunk_bytes: Optional[int] = None) -> tuple:
-  """Converts and writes; returns (LlamaConfig, FusionConfig | None, number of parameters written).
-
-  `fusion_cfg` None writes the text branch only; a callable gets the checkpoint's LlamaConfig (to
-  validate ids against the vocabulary) before anything is written. Stored chunks are `chunk_mib` MiB
-  (0: one per array), or exactly `chunk_bytes` bytes when given."""
-  ckpt = hf_llama.HFCheckpoint(hf_dir)
-  cfg = hf_llama.read_config(hf_dir)
-  hf_llama.validate(ckpt, cfg)
-  dtype = dtype or hf_llama.checkpoint_dtype(ckpt, cfg)
-  cfg = cfg.replace(param_dtype=dtype, dtype=dtype)
-  if callable(fusion_cfg):
-    fusion_cfg = fusion_cfg(cfg)
-  if chunk_bytes is None:
-    chunk_bytes = chunk_mib * 2**20 if chunk_mib > 0 else None
-  shapes = hf_llama.text_param_shapes(cfg)
-  text = {rule.ours: params_io.LazyArray(shapes[rule.ours], hf_llama.NUMPY_DTYPES[dtype],
-                                         functools.partial(ckpt.read_box, rule, cfg, dtype=dtype))
-          for rule in hf_llama.text_rules(cfg)}
-  tree = {"text": hf_llama.nest(text)}
-  if fusion_cfg is not None:
-    final_norm = ckpt.read_box(_rule("final_norm"), cfg, (slice(None),), dtype)
-    rms = hf_llama.embed_rms(ckpt, cfg, dtype)  # the image tokens' scale (see fusion.match_token_scale)
-    image = _image_rest(cfg, fusion_cfg, final_norm, rms, seed)
-    if fusion_cfg.image_init == "copy" and _image_layer_keys(fusion_cfg):
-      # the LMFusion init: exact copies of the text leaves, written from the same chunks
-      image["layers"] = {k: tree["text"]["layers"][k] for k in _image_layer_keys(fusion_cfg)}
-    tree["image"] = image
-  with params_io.ParamsWriter(out, cfg, fusion_cfg, overwrite=overwrite, chunk_bytes=chunk_bytes) as w:
-    w.write(tree)
-  return cfg, fusion_cfg, params_io.count_params(tree)
-
-
-def _rule(ours: str):
-  return next(r for r in hf_llama.TEXT_RULES if r.ours == ours)
-
-
-def _image_layer_keys(fusion_cfg):
-  if fusion_cfg is None:
-    return ()
-  from lmfusion_jax.models import decoder
-  return decoder.IMAGE_LAYER_KEYS[fusion_cfg.separation]
-
-
-def _image_rest(cfg, fusion_cfg, final_norm, embed_rms, seed):
-  """The image branch minus the streamed layer copies: final norm copy and fresh in/out modules.
-  With image_init="copy" the layers are lazy copies of the text leaves, so `init_image_params` is asked
-  for none (separation="none"); with "random" it draws them too (and returns no `layers` if none are owned)."""
-  import jax
-  from lmfusion_jax.models import fusion
-  text_stub = {"layers": {}, "final_norm": final_norm}
-  drawn = fusion_cfg.replace(separation="none") if fusion_cfg.image_init == "copy" else fusion_cfg
-  return jax.tree.map(np.asarray, fusion.init_image_params(cfg, drawn, text_stub, seed, embed_rms))
-
-
 def run(args) -> int:
   t0 = time.time()
   fusion_from_args = None if args.text_only else (lambda cfg: fusion_config(args, cfg))
-  cfg, fcfg, n = convert(args.hf_dir, args.out, dtype=args.dtype, fusion_cfg=fusion_from_args, seed=args.seed,
+  cfg, fcfg, n = llama_checkpoint.convert(args.hf_dir, args.out, dtype=args.dtype, fusion_cfg=fusion_from_args, seed=args.seed,
                          overwrite=args.overwrite, chunk_mib=args.chunk_mib)
   branches = "text" if fcfg is None else f"text + image ({fcfg.separation}, {fcfg.image_io})"
   print(f"wrote {args.out}: {branches}, {n / 1e6:.2f}M parameters in {cfg.param_dtype} "

@@ -13,7 +13,6 @@ cfg_scale, eta, clip_x0, seed, noise_seed, timesteps, caption_max_new_tokens, va
 from __future__ import annotations
 
 import argparse
-import os
 
 ACCEPTS_CONFIG_OVERRIDES = True
 
@@ -30,13 +29,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
+  from lmfusion_jax.checkpoints.files import write_text
   from lmfusion_jax.evaluation.evaluate import evaluate, to_json
   result = evaluate(args.checkpoint, args.config, args.overrides, step=args.step)
   text = to_json(result)
   if args.output:
-    tmp = args.output + ".tmp"
-    with open(tmp, "w") as f:
-      f.write(text + "\n")
-    os.replace(tmp, args.output)
+    write_text(args.output, text + "\n")
   print(text)
   return 0

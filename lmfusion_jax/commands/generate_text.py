@@ -14,6 +14,7 @@ import json
 from etils import epath
 
 from lmfusion_jax.inference import text as generate
+from lmfusion_jax.models import sharded
 from lmfusion_jax.checkpoints import params as params_io
 from lmfusion_jax.models.config import ConfigError
 
@@ -54,7 +55,7 @@ def run(args) -> int:
   if args.dtype:
     cfg = cfg.replace(param_dtype=args.dtype, dtype=args.dtype)
   text = params_io.load_params(args.checkpoint, subtree="text", dtype=args.dtype)
-  model = generate.text_model(cfg, text)
+  model = sharded.model(cfg, None, {"text": text})
   prompts = [tok(p, add_special_tokens=not args.no_bos)["input_ids"] for p in args.prompt]
   for p, ids in zip(args.prompt, prompts):
     bad = [t for t in ids if not 0 <= t < cfg.vocab_size]

@@ -10,7 +10,6 @@ a mesh over whatever devices exist.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 
@@ -45,34 +44,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-  from lmfusion_jax.inference import image as generate_image
-  from lmfusion_jax.inference import loading as model_loading
-  from lmfusion_jax.convert.diffusers_vae import load_vae
+  from lmfusion_jax.checkpoints.files import write_json
+  from lmfusion_jax.checkpoints.vae import load_vae
   from lmfusion_jax.data.tokenizer import CaptionEncoder, load_tokenizer, special_ids
-  from lmfusion_jax.models import sharded
+  from lmfusion_jax.inference import image, image_files, loading
 
   if args.num < 1:
     raise ValueError(f"--num {args.num}: must be >= 1")
-  loaded = model_loading.load_model(args.checkpoint)
-  tokenizer = load_tokenizer(model_loading.tokenizer_dir_of(loaded, args.tokenizer))
+  loaded = loading.load_model(args.checkpoint)
+  tokenizer = load_tokenizer(loading.tokenizer_dir_of(loaded, args.tokenizer))
   encode = CaptionEncoder(tokenizer)
   vae = load_vae(args.vae)[1] if args.vae else None
   clip = args.clip_x0 if args.clip_x0 is not None else (None if vae else 1.0)
   clip = None if clip == 0 else clip
   steps = args.steps or (250 if args.sampler == "ddpm" else 50)
-  model = sharded.merge(*sharded.graphdef_and_abstract_state(loaded.llama, loaded.fusion), loaded.params)
   prompts = [p for p in args.prompt for _ in range(args.num)]
-  latents = generate_image.generate_images(
-      model, [encode(p) for p in prompts], loaded.diffusion, num_steps=steps, sampler=args.sampler,
+  latents = image.generate_images(
+      loaded.model(), [encode(p) for p in prompts], loaded.diffusion, num_steps=steps, sampler=args.sampler,
       cfg_scale=args.cfg, seed=args.seed, eta=args.eta, clip_x0=clip, use_cache=not args.no_cache,
       pad_id=special_ids(tokenizer)["pad"])
-  images = generate_image.decode_to_images(latents, vae)
+  images = image_files.decode_to_images(latents, vae)
   scale = args.scale or max(1, -(-64 // images.shape[1]))
-  written = generate_image.write_samples(images, args.out, scale=scale, columns=args.num)
+  written = image_files.write_samples(images, args.out, scale=scale, columns=args.num)
   manifest = [{"file": os.path.basename(f), "prompt": p} for f, p in zip(written["images"], prompts)]
-  with open(os.path.join(args.out, "prompts.json.tmp"), "w") as f:
-    json.dump(manifest, f, indent=2)
-  os.replace(os.path.join(args.out, "prompts.json.tmp"), os.path.join(args.out, "prompts.json"))
+  write_json(os.path.join(args.out, "prompts.json"), manifest, sort_keys=False)
   print(f"wrote {len(written['images'])} images and {written['contact_sheet']} "
         f"({args.sampler}, {steps} steps, cfg {args.cfg}, seed {args.seed})")
   return 0

@@ -26,6 +26,8 @@ with the caption dropped (empty) for classifier-free guidance training.
 from __future__ import annotations
 
 import jax
+from typing import Any, Dict, Iterator, Sequence, Tuple
+
 import numpy as np
 from jax.sharding import Mesh
 
@@ -77,3 +79,34 @@ def global_batch(host_batch: dict, mesh: Mesh) -> dict:
       raise ValueError(f"global_batch: field {name!r} with local shape {value.shape} cannot be sharded "
                        f"over mesh {dict(mesh.shape)} along ('data', 'fsdp'): {e}") from e
   return out
+
+
+def padded_chunks(items: Sequence, size: int, pad=None, always_pad: bool = False) -> Iterator[Tuple[list, int]]:
+  """Consecutive chunks of `size` items as (chunk, number of real items). When there is more than one chunk
+  (or `always_pad`), the last one is filled up to `size` with `pad` (its own last item when `pad` is None),
+  so one compiled program serves every chunk."""
+  if size < 1:
+    raise ValueError(f"chunk size {size} must be >= 1")
+  items = list(items)
+  for start in range(0, len(items), size):
+    chunk = items[start:start + size]
+    real = len(chunk)
+    if real < size and (always_pad or len(items) > size):
+      chunk = chunk + [chunk[-1] if pad is None else pad] * (size - real)
+    yield chunk, real
+
+
+def batch_spec(batch_size: int, text_len: int, image_slots: int, latent_shape) -> Dict[str, Tuple[tuple, Any]]:
+  """field -> (shape, dtype) of a packed batch (the table at the top of this module)."""
+  b, t, i = int(batch_size), int(text_len), int(image_slots)
+  return {"tokens": ((b, t), np.int32), "text_positions": ((b, t), np.int32),
+          "text_segment_ids": ((b, t), np.int32), "targets": ((b, t), np.int32),
+          "loss_mask": ((b, t), np.float32), "latents": ((b, i, *latent_shape), np.float32),
+          "image_positions": ((b, i), np.int32), "image_segment_ids": ((b, i), np.int32),
+          "image_first": ((b, i), np.bool_)}
+
+
+def abstract_batch(batch_size: int, text_len: int, image_slots: int, latent_shape, mesh: Mesh) -> dict:
+  """ShapeDtypeStructs of one global batch, sharded over ("data", "fsdp") on the batch dimension."""
+  return {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(mesh, len(s)))
+          for k, (s, d) in batch_spec(batch_size, text_len, image_slots, latent_shape).items()}

@@ -11,22 +11,13 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from lmfusion_jax.data.batch import batch_spec
 from lmfusion_jax.data.sequences import Document
 
 
 def empty_row(text_len: int, image_slots: int, latent_shape) -> dict:
   """An all-padding row (no batch dimension)."""
-  return {
-      "tokens": np.zeros((text_len,), np.int32),
-      "text_positions": np.zeros((text_len,), np.int32),
-      "text_segment_ids": np.zeros((text_len,), np.int32),
-      "targets": np.zeros((text_len,), np.int32),
-      "loss_mask": np.zeros((text_len,), np.float32),
-      "latents": np.zeros((image_slots, *latent_shape), np.float32),
-      "image_positions": np.zeros((image_slots,), np.int32),
-      "image_segment_ids": np.zeros((image_slots,), np.int32),
-      "image_first": np.zeros((image_slots,), bool),
-  }
+  return {k: np.zeros(shape[1:], dtype) for k, (shape, dtype) in batch_spec(1, text_len, image_slots, latent_shape).items()}
 
 
 def empty_batch(batch_size: int, text_len: int, image_slots: int, latent_shape) -> dict:

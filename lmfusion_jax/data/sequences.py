@@ -176,3 +176,16 @@ def build_document(record: dict, encode: Callable[[str], list], spec: SequenceSp
   return layout_document(record_id, [] if drop else caption_ids, latent.astype(np.float32),
                          caption_first=caption_first, special=special,
                          tokens_per_image=spec.tokens_per_image)
+
+
+def text_document(record_id: str, ids, latent_shape=(1, 1, 1)) -> Document:
+  """A text-only document (`ids` already holds BOS ... EOS): every token but the last predicts the next one."""
+  tokens = np.asarray([int(t) for t in ids], np.int32)
+  n = len(tokens)
+  targets = np.zeros(n, np.int32)
+  targets[:-1] = tokens[1:]
+  loss_mask = np.zeros(n, np.float32)
+  loss_mask[:-1] = 1.0
+  return Document(record_id=record_id, tokens=tokens, text_positions=np.arange(n, dtype=np.int32),
+                  targets=targets, loss_mask=loss_mask, latents=np.zeros((0, *latent_shape), np.float32),
+                  image_positions=np.zeros((0,), np.int32), image_first=np.zeros((0,), bool))

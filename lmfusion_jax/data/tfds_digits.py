@@ -36,6 +36,22 @@ def caption_for(label: int, index: int) -> str:
   return template.format(word=WORDS[label], num=label)
 
 
+def references(record: dict) -> list:
+  """Evaluation references of a record: every caption template of its digit."""
+  return [t.format(word=WORDS[record["label"]], num=record["label"]) for t in TEMPLATES]
+
+
+def generation_prompts(records: list, samples_per_class: int, num_generated: int) -> tuple:
+  """(prompt texts, prompted labels) for generation evaluation: templates naming each digit (cycled)."""
+  del records, num_generated
+  prompts, labels = [], []
+  for c in range(NUM_CLASSES):
+    for k in range(samples_per_class):
+      prompts.append(TEMPLATES[k % len(TEMPLATES)].format(word=WORDS[c], num=c))
+      labels.append(c)
+  return prompts, labels
+
+
 def all_captions() -> list:
   """Every caption any record can have (for training a tokenizer)."""
   return [t.format(word=WORDS[d], num=d) for d in range(NUM_CLASSES) for t in TEMPLATES]

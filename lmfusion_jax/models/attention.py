@@ -1,42 +1,17 @@
-"""The hybrid LMFusion attention mask and the attention kernel behind one function.
+"""Attention behind one function: the XLA reference and the Pallas flash kernel, both computing the hybrid
+LMFusion mask of models/mask.py from per-token metadata.
 
-Which key a query may see is computed from per-token arrays, never from array order:
-  positions    [batch, seq]  position inside the token's own document
-  segment_ids  [batch, seq]  packed document id (>= 1); 0 = padding / empty slot
-  image_ids    [batch, seq]  image slot the token belongs to; -1 for text tokens
-
-  allowed(q, k) = seg_q == seg_k != 0  and  (pos_k <= pos_q  or  img_q == img_k >= 0)
-
-i.e. causal over positions, bidirectional inside each image, isolated per packed document, and padding
-never attended. `dot_product_attention` dispatches to the reference (plain XLA, runs anywhere) or the Pallas
+`dot_product_attention` dispatches to the reference (plain XLA, runs anywhere) or the Pallas
 TPU flash kernel (models/flash_attention.py: the mask is built per tile, never materialized), both behind
 the same signature; `model.attention_impl` picks one.
 """
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import jax
 import jax.numpy as jnp
 
-
-class TokenInfo(NamedTuple):
-  """Per-token metadata from which the mask is derived. All [batch, seq] int32."""
-  positions: jax.Array
-  segment_ids: jax.Array
-  image_ids: jax.Array
-
-  @staticmethod
-  def concat(parts, axis: int = 1) -> "TokenInfo":
-    return TokenInfo(*(jnp.concatenate(x, axis=axis) for x in zip(*parts)))
-
-
-def hybrid_mask(q: TokenInfo, k: TokenInfo) -> jax.Array:
-  """Boolean mask [batch, q_len, k_len]; True where the query may attend the key."""
-  same_doc = (q.segment_ids[:, :, None] == k.segment_ids[:, None, :]) & (k.segment_ids[:, None, :] != 0)
-  causal = k.positions[:, None, :] <= q.positions[:, :, None]
-  same_image = (q.image_ids[:, :, None] == k.image_ids[:, None, :]) & (q.image_ids[:, :, None] >= 0)
-  return same_doc & (causal | same_image)
+from lmfusion_jax.models.flash_attention import flash_attention
+from lmfusion_jax.models.mask import TokenInfo, hybrid_mask
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -66,7 +41,6 @@ def xla_attention(q, k, v, q_info: TokenInfo, k_info: TokenInfo) -> jax.Array:
 
 def _flash(interpret: bool):
   def run(q, k, v, q_info, k_info):
-    from lmfusion_jax.models.flash_attention import flash_attention   # Pallas: imported when used
     return flash_attention(q, k, v, q_info, k_info, interpret=interpret)
   return run
 

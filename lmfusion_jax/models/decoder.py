@@ -9,6 +9,7 @@ Shapes: x_img [batch, n_img, embed] (n_img may be 0 / None), x_txt [batch, n_txt
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple, Optional
 
 import jax
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 
 from lmfusion_jax import sharding
 from lmfusion_jax.models import attention as attn_lib
+from lmfusion_jax.models import mask as mask_lib
 from lmfusion_jax.models import layers as L
 from lmfusion_jax.models.config import LlamaConfig
 
@@ -32,23 +34,22 @@ class KVCache(NamedTuple):
   info: TokenInfo [batch, cache_len] (segment_ids 0 = empty slot)."""
   k: jax.Array
   v: jax.Array
-  info: attn_lib.TokenInfo
+  info: mask_lib.TokenInfo
 
 
 def empty_cache(cfg: LlamaConfig, batch: int, length: int, dtype=None) -> KVCache:
   dtype = dtype or cfg.jnp_dtype
   shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
   zeros_i = jnp.zeros((batch, length), jnp.int32)
-  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype),
-                 attn_lib.TokenInfo(zeros_i, zeros_i, zeros_i - 1))
+  return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), mask_lib.text_info(zeros_i, zeros_i))
 
 
-def write_cache(cache: KVCache, k_new, v_new, info_new: attn_lib.TokenInfo, index) -> KVCache:
+def write_cache(cache: KVCache, k_new, v_new, info_new: mask_lib.TokenInfo, index) -> KVCache:
   """Writes new tokens' K/V ([layers, batch, n, ...]) into the cache at sequence offset `index`."""
   upd = lambda c, n: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), index, axis=2)
   upd_i = lambda c, n: jax.lax.dynamic_update_slice_in_dim(c, n.astype(c.dtype), index, axis=1)
   return KVCache(upd(cache.k, k_new), upd(cache.v, v_new),
-                 attn_lib.TokenInfo(*(upd_i(c, n) for c, n in zip(cache.info, info_new))))
+                 mask_lib.TokenInfo(*(upd_i(c, n) for c, n in zip(cache.info, info_new))))
 
 
 def _remat(fn, policy: str):
@@ -81,28 +82,58 @@ def image_layer_weights(text_w: dict, image_w: dict, separation: str) -> dict:
   return {k: (image_w[k] if k in owned else text_w[k]) for k in LAYER_KEYS}
 
 
-def fused_layer(cfg: LlamaConfig, separation: str, attention_impl: str,
-                x_img: Optional[jax.Array], x_txt: jax.Array, text_w: dict, image_w: Optional[dict],
-                rope_img, rope_txt, info_all: attn_lib.TokenInfo, cache_kv=None, cache_info=None):
-  """One LMFusion layer. Returns (x_img, x_txt, (k_new, v_new)) with k/v of [image | text] tokens."""
-  eps = cfg.norm_eps
-  has_img = x_img is not None and x_img.shape[1] > 0
+@dataclasses.dataclass(frozen=True)
+class LayerSpec:
+  """What every layer of a stack shares (static under jit)."""
+  cfg: LlamaConfig
+  separation: str          # which weights image tokens own: see IMAGE_LAYER_KEYS
+  attention_impl: str      # see models/attention.py
+
+
+class Stream(NamedTuple):
+  """One modality's tokens entering a layer: activations [batch, n, embed] and RoPE (cos, sin) tables."""
+  x: jax.Array
+  rope: tuple
+
+
+class Embedded(NamedTuple):
+  """One modality's tokens entering the stack: activations [batch, n, embed] and their TokenInfo."""
+  x: jax.Array
+  info: mask_lib.TokenInfo
+
+
+class LayerWeights(NamedTuple):
+  """Text and image layer weights (one layer's, or stacked over layers); image may be None / empty."""
+  text: dict
+  image: Optional[dict]
+
+
+def fused_layer(spec: LayerSpec, text: Stream, image: Optional[Stream], weights: LayerWeights,
+                info: mask_lib.TokenInfo, cache: Optional[KVCache] = None):
+  """One LMFusion layer over [image | text] tokens; `info` is theirs in that order, `cache` (one layer's
+  k/v [batch, cache_len, kv_heads, head_dim]) holds earlier tokens both attend to.
+  Returns (x_img, x_txt, (k_new, v_new)) with k/v of the [image | text] tokens."""
+  eps = spec.cfg.norm_eps
+  text_w = weights.text
+  has_img = image is not None and image.x.shape[1] > 0
+  x_txt = text.x
   h_t = L.rms_norm(x_txt, text_w["attn_norm"], eps)
-  q, k, v = _qkv(h_t, text_w, *rope_txt)
+  q, k, v = _qkv(h_t, text_w, *text.rope)
+  x_img = image.x if has_img else None
   if has_img:
-    iw = image_layer_weights(text_w, image_w or {}, separation)
+    iw = image_layer_weights(text_w, weights.image or {}, spec.separation)
     h_i = L.rms_norm(x_img, iw["attn_norm"], eps)
-    q_i, k_i, v_i = _qkv(h_i, iw, *rope_img)
+    q_i, k_i, v_i = _qkv(h_i, iw, *image.rope)
     q = jnp.concatenate([q_i, q], axis=1)
     k = jnp.concatenate([k_i, k], axis=1)
     v = jnp.concatenate([v_i, v], axis=1)
   q = sharding.constrain(q, ("batch", "length", "act_heads", None))
-  k_all, v_all, info_k = k, v, info_all
-  if cache_kv is not None:
-    k_all = jnp.concatenate([cache_kv[0].astype(k.dtype), k], axis=1)
-    v_all = jnp.concatenate([cache_kv[1].astype(v.dtype), v], axis=1)
-    info_k = attn_lib.TokenInfo.concat([cache_info, info_all])
-  a = attn_lib.dot_product_attention(q, k_all, v_all, info_all, info_k, attention_impl)
+  k_all, v_all, info_k = k, v, info
+  if cache is not None:
+    k_all = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
+    v_all = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
+    info_k = mask_lib.TokenInfo.concat([cache.info, info])
+  a = attn_lib.dot_product_attention(q, k_all, v_all, info, info_k, spec.attention_impl)
   if has_img:
     n_img = x_img.shape[1]
     x_img = x_img + _out(a[:, :n_img], iw)
@@ -117,35 +148,35 @@ def fused_layer(cfg: LlamaConfig, separation: str, attention_impl: str,
   return x_img, x_txt, (k, v)
 
 
-def decoder_stack(cfg: LlamaConfig, separation: str, text_layers: dict, image_layers: Optional[dict],
-                  x_img: Optional[jax.Array], x_txt: jax.Array,
-                  info_img: Optional[attn_lib.TokenInfo], info_txt: attn_lib.TokenInfo,
-                  cache: Optional[KVCache] = None, attention_impl: Optional[str] = None):
-  """Runs all layers. Returns (x_img, x_txt, (k, v)) with k/v [layers, batch, n_img + n_txt, kvh, hd]."""
-  has_img = x_img is not None and x_img.shape[1] > 0
-  attention_impl = attention_impl or cfg.attention_impl
-  rope_txt = L.rope_cos_sin(info_txt.positions, cfg)
-  rope_img = L.rope_cos_sin(info_img.positions, cfg) if has_img else None
-  info_all = attn_lib.TokenInfo.concat([info_img, info_txt]) if has_img else info_txt
-  image_layers = image_layers if (has_img and image_layers) else {}
+def decoder_stack(spec: LayerSpec, text: Embedded, image: Optional[Embedded], layers: LayerWeights,
+                  cache: Optional[KVCache] = None):
+  """Runs all layers (weights stacked on a leading axis). Returns (x_img, x_txt, (k, v)) with k/v
+  [layers, batch, n_img + n_txt, kv_heads, head_dim] of the [image | text] tokens."""
+  cfg = spec.cfg
+  has_img = image is not None and image.x.shape[1] > 0
+  rope_txt = L.rope_cos_sin(text.info.positions, cfg)
+  rope_img = L.rope_cos_sin(image.info.positions, cfg) if has_img else None
+  info_all = mask_lib.TokenInfo.concat([image.info, text.info]) if has_img else text.info
+  image_layers = layers.image if (has_img and layers.image) else {}
 
   def body(carry, per_layer):
     xi, xt = carry
     tw, iw, ckv = per_layer
-    xi, xt, kv = fused_layer(cfg, separation, attention_impl, xi, xt, tw, iw, rope_img, rope_txt,
-                             info_all, ckv, cache.info if cache is not None else None)
+    layer_cache = KVCache(ckv[0], ckv[1], cache.info) if cache is not None else None
+    xi, xt, kv = fused_layer(spec, Stream(xt, rope_txt), Stream(xi, rope_img) if has_img else None,
+                             LayerWeights(tw, iw), info_all, layer_cache)
     return (xi, xt), kv
 
   body = _remat(body, cfg.remat_policy)
   cache_kv = (cache.k, cache.v) if cache is not None else None
-  carry = (x_img if has_img else None, x_txt)
+  carry = (image.x if has_img else None, text.x)
   if cfg.scan_layers:
-    carry, (k, v) = jax.lax.scan(body, carry, (text_layers, image_layers, cache_kv))
+    carry, (k, v) = jax.lax.scan(body, carry, (layers.text, image_layers, cache_kv))
   else:
     ks, vs = [], []
     for i in range(cfg.n_layers):
       pick = lambda t: jax.tree.map(lambda a: a[i], t)
-      carry, (k_i, v_i) = body(carry, (pick(text_layers), pick(image_layers), pick(cache_kv)))
+      carry, (k_i, v_i) = body(carry, (pick(layers.text), pick(image_layers), pick(cache_kv)))
       ks.append(k_i)
       vs.append(v_i)
     k, v = jnp.stack(ks), jnp.stack(vs)

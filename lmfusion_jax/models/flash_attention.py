@@ -2,7 +2,7 @@
 
 Same contract as `attention.reference_attention` (grouped-query attention, fp32 softmax, a query with no
 allowed key gets zeros) but the [q_len, k_len] mask and scores never reach HBM: the mask is rebuilt inside
-each (block_q x block_k) tile from the per-token arrays (attention.TokenInfo):
+each (block_q x block_k) tile from the per-token arrays (mask.TokenInfo):
 
   allowed(q, k) = seg_q == seg_k != 0  and  (pos_k <= pos_q  or  img_q == img_k >= 0)
 
@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from lmfusion_jax import sharding
-from lmfusion_jax.models.attention import TokenInfo
+from lmfusion_jax.models.mask import TokenInfo
 
 LANES = 128          # TPU vector lanes: per-query statistics are kept lane-replicated [block_q, LANES]
 SUBLANES = 8         # per-key metadata is stored [SUBLANES, k_len] (one row used)

@@ -8,7 +8,7 @@ Parameter tree (two top-level branches, nothing else):
          final_norm    image-path final RMSNorm (a copy of the text one)
          io/...        U-Net (or linear patchify) in/out modules with the timestep embedding
 
-Forward: text tokens -> Llama embedding; noisy latents -> io.encode -> image tokens; both go through the
+Forward (`LMFusion.__call__(TextInputs, ImageInputs)`): text tokens -> Llama embedding; noisy latents -> io.encode -> image tokens; both go through the
 routed decoder (decoder.decoder_stack) as [image | text]; text -> final norm + LM head -> logits; image ->
 image final norm -> io.decode -> predicted noise.
 """
@@ -21,12 +21,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmfusion_jax.models import decoder
-from lmfusion_jax.models.attention import TokenInfo
 from lmfusion_jax.models.config import FusionConfig, LlamaConfig
 from lmfusion_jax.models.image_io import make_image_io
 from lmfusion_jax.models.layers import rms_norm
 from lmfusion_jax.models.llama import LayerStack, Llama
-from lmfusion_jax.models.params import abstract_split, ones, param
+from lmfusion_jax.models.inputs import ImageInputs, TextInputs
+from lmfusion_jax.models.params import ones, param
 
 
 class ImageBranch(nnx.Module):
@@ -35,16 +35,6 @@ class ImageBranch(nnx.Module):
     self.layers = LayerStack(lcfg, keys, rngs=rngs)
     self.final_norm = param(ones((lcfg.dim,), lcfg.jnp_param_dtype), ("norm",))
     self.io = make_image_io(lcfg, fcfg, rngs=rngs)
-
-
-def image_token_info(image_positions, image_segment_ids, tokens_per_image: int) -> TokenInfo:
-  """Per-token info of all image slots: [batch, slots] -> TokenInfo of [batch, slots * tokens_per_image]."""
-  b, n_slots = image_positions.shape
-  offs = jnp.arange(tokens_per_image, dtype=jnp.int32)
-  pos = (image_positions[:, :, None] + offs).reshape(b, -1)
-  seg = jnp.repeat(image_segment_ids, tokens_per_image, axis=1)
-  ids = jnp.repeat(jnp.broadcast_to(jnp.arange(n_slots, dtype=jnp.int32), (b, n_slots)), tokens_per_image, axis=1)
-  return TokenInfo(pos.astype(jnp.int32), seg.astype(jnp.int32), ids)
 
 
 class LMFusion(nnx.Module):
@@ -59,37 +49,32 @@ class LMFusion(nnx.Module):
                                                        embed_rms(self.text.embed[...])))
     nnx.update(self.image.io, io_state)
 
-  def __call__(self, tokens, text_positions, text_segment_ids, noisy_latents, timesteps,
-               image_positions, image_segment_ids, cache: Optional[decoder.KVCache] = None,
-               attention_impl: Optional[str] = None):
-    """Routed forward over a packed batch (see data/batch.py).
-
-    tokens/text_positions/text_segment_ids [B, T]; noisy_latents [B, I, H, W, C]; timesteps [B, I];
-    image_positions/image_segment_ids [B, I]. T or I may be 0.
-    Returns (text logits fp32 [B, T, V], predicted noise fp32 [B, I, H, W, C], (k, v) [L, B, I*N + T, ...]).
-    """
+  def __call__(self, text: TextInputs, image: Optional[ImageInputs] = None,
+               cache: Optional[decoder.KVCache] = None, attention_impl: Optional[str] = None):
+    """Routed forward over a packed batch (see data/batch.py): text tokens [B, T] through the text weights,
+    noisy latents [B, I, H, W, C] at their timesteps through the image weights, one shared attention.
+    Returns (text logits fp32 [B, T, V], predicted noise fp32 [B, I, H, W, C] (None without `image`),
+    (k, v) [L, B, I*N + T, kv_heads, head_dim] of the [image | text] tokens)."""
     lcfg, fcfg = self.lcfg, self.fcfg
     dtype = lcfg.jnp_dtype
-    b, t_len = tokens.shape
-    n_slots = noisy_latents.shape[1]
+    spec = decoder.LayerSpec(lcfg, fcfg.separation, attention_impl or lcfg.attention_impl)
+    b = text.tokens.shape[0]
+    n_slots = image.num_slots if image is not None else 0
     n_tok = fcfg.tokens_per_image
-    info_txt = TokenInfo(text_positions, text_segment_ids, jnp.full((b, t_len), -1, jnp.int32))
-    x_txt = self.text.embed_tokens(tokens)
-    x_img, info_img, skips, temb = None, None, None, None
+    txt = decoder.Embedded(self.text.embed_tokens(text.tokens), text.info())
+    img, skips, temb = None, None, None
     if n_slots:
-      lat = noisy_latents.reshape((b * n_slots,) + noisy_latents.shape[2:])
-      img_tok, skips, temb = self.image.io.encode(lat, timesteps.reshape(-1), dtype)  # [B*I, N, D]
-      x_img = img_tok.reshape(b, n_slots * n_tok, -1).astype(dtype)
-      info_img = image_token_info(image_positions, image_segment_ids, n_tok)
-    x_img, x_txt, kv = decoder.decoder_stack(
-        lcfg, fcfg.separation, self.text.layers.arrays(), self.image.layers.arrays(), x_img, x_txt,
-        info_img, info_txt, cache, attention_impl)
+      lat = image.latents.reshape((b * n_slots,) + image.latents.shape[2:])
+      img_tok, skips, temb = self.image.io.encode(lat, image.timesteps.reshape(-1), dtype)  # [B*I, N, D]
+      img = decoder.Embedded(img_tok.reshape(b, n_slots * n_tok, -1).astype(dtype), image.info(n_tok))
+    weights = decoder.LayerWeights(self.text.layers.arrays(), self.image.layers.arrays())
+    x_img, x_txt, kv = decoder.decoder_stack(spec, txt, img, weights, cache)
     logits = self.text.logits(x_txt)
     if n_slots:
       h = rms_norm(x_img, self.image.final_norm[...], lcfg.norm_eps).reshape(b * n_slots, n_tok, -1)
-      eps = self.image.io.decode(h, skips, temb).reshape(noisy_latents.shape)
+      eps = self.image.io.decode(h, skips, temb).reshape(image.latents.shape)
     else:
-      eps = jnp.zeros(noisy_latents.shape, jnp.float32)
+      eps = None if image is None else jnp.zeros(image.latents.shape, jnp.float32)
     return logits, eps, kv
 
 
@@ -116,14 +101,6 @@ def match_token_scale(io_params: dict, fcfg: FusionConfig, rms) -> dict:
   for name in TOKEN_PROJECTIONS[fcfg.image_io]:
     out[name] = {k: (v * rms).astype(v.dtype) for k, v in io_params[name].items()}
   return out
-
-
-def abstract_model(lcfg: LlamaConfig, fcfg: FusionConfig) -> LMFusion:
-  """The model with ShapeDtypeStruct leaves (no memory), for shardings and restore targets.
-
-  (see params.abstract_split: an active mesh never turns the logical names into mesh axes)."""
-  graphdef, state = abstract_split(lambda: LMFusion(lcfg, fcfg.replace(image_init="random"), rngs=nnx.Rngs(0)))
-  return nnx.merge(graphdef, state)
 
 
 def init_image_params(lcfg: LlamaConfig, fcfg: FusionConfig, text_params: dict, seed: int = 0,

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmfusion_jax.models import decoder
-from lmfusion_jax.models.attention import TokenInfo
+from lmfusion_jax.models.mask import text_info
 from lmfusion_jax.models.config import LlamaConfig
 from lmfusion_jax.models.layers import rms_norm
 from lmfusion_jax.models.params import normal, ones, param
@@ -85,7 +85,7 @@ class Llama(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     if segment_ids is None:
       segment_ids = jnp.ones((b, s), jnp.int32)
-    info = TokenInfo(positions, segment_ids, jnp.full((b, s), -1, jnp.int32))
-    _, x, kv = decoder.decoder_stack(self.cfg, "none", self.layers.arrays(), None, None,
-                                     self.embed_tokens(tokens), None, info, cache, attention_impl)
+    spec = decoder.LayerSpec(self.cfg, "none", attention_impl or self.cfg.attention_impl)
+    text = decoder.Embedded(self.embed_tokens(tokens), text_info(positions, segment_ids))
+    _, x, kv = decoder.decoder_stack(spec, text, None, decoder.LayerWeights(self.layers.arrays(), None), cache)
     return self.logits(x), kv

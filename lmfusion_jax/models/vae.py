@@ -85,53 +85,6 @@ class VAEConfig:
       raise ConfigError(f"{source}: unknown VAE config field(s) {unknown}")
     return cls(**d)
 
-  @classmethod
-  def from_diffusers_dict(cls, d: dict, source: str = "config.json", **overrides) -> "VAEConfig":
-    """Builds a config from a diffusers AutoencoderKL config.json dict.
-
-    Raises ConfigError naming `source` and the field for layouts this implementation does not cover.
-    """
-    cls_name = d.get("_class_name", "AutoencoderKL")
-    if cls_name != "AutoencoderKL":
-      raise ConfigError(f"{source}: field '_class_name' is {cls_name!r}; only 'AutoencoderKL' is supported")
-    block_out = tuple(d.get("block_out_channels", (64,)))
-    n = len(block_out)
-    down = tuple(d.get("down_block_types", ("DownEncoderBlock2D",) * n))
-    up = tuple(d.get("up_block_types", ("UpDecoderBlock2D",) * n))
-    if any(t != "DownEncoderBlock2D" for t in down):
-      raise ConfigError(f"{source}: field 'down_block_types'={list(down)}; only 'DownEncoderBlock2D' is supported")
-    if any(t != "UpDecoderBlock2D" for t in up):
-      raise ConfigError(f"{source}: field 'up_block_types'={list(up)}; only 'UpDecoderBlock2D' is supported")
-    if len(down) != n or len(up) != n:
-      raise ConfigError(f"{source}: fields 'down_block_types' ({len(down)}) and 'up_block_types' ({len(up)}) "
-                        f"must have one entry per 'block_out_channels' ({n})")
-    if d.get("act_fn", "silu") != "silu":
-      raise ConfigError(f"{source}: field 'act_fn'={d.get('act_fn')!r}; only 'silu' is supported")
-    for field in ("latents_mean", "latents_std"):
-      if d.get(field) is not None:
-        raise ConfigError(f"{source}: field {field!r} is set; per-channel latent statistics are not supported "
-                          f"(only 'scaling_factor' and 'shift_factor')")
-    shift = d.get("shift_factor")
-    kw = dict(
-        block_out_channels=block_out, layers_per_block=int(d.get("layers_per_block", 1)),
-        latent_channels=int(d.get("latent_channels", 4)), norm_num_groups=int(d.get("norm_num_groups", 32)),
-        in_channels=int(d.get("in_channels", 3)), out_channels=int(d.get("out_channels", 3)),
-        scaling_factor=float(d.get("scaling_factor", 0.18215)),
-        shift_factor=None if shift is None else float(shift),
-        sample_size=int(_first(d.get("sample_size", 32))),
-        use_quant_conv=bool(d.get("use_quant_conv", True)),
-        use_post_quant_conv=bool(d.get("use_post_quant_conv", True)),
-        mid_block_add_attention=bool(d.get("mid_block_add_attention", True)))
-    kw.update(overrides)
-    try:
-      return cls(**kw)
-    except ConfigError as e:
-      raise ConfigError(f"{source}: {e}") from e
-
-
-def _first(x):
-  return x[0] if isinstance(x, (list, tuple)) else x
-
 
 # --- layers ------------------------------------------------------------------------------------------
 

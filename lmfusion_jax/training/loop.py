@@ -18,6 +18,7 @@ import numpy as np
 from etils import epath
 
 from lmfusion_jax.checkpoints import train_state as ckpt_lib
+from lmfusion_jax.checkpoints.files import write_json
 from lmfusion_jax import sharding
 from lmfusion_jax.training import distributed
 from lmfusion_jax.planning import flops as flops_lib
@@ -153,8 +154,8 @@ def train(cfg, tokenizer=None) -> dict:
 
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-    ckpt_lib.write_json_atomic(workdir / ckpt_lib.RUN_CONFIG, run_config_record(cfg, lcfg, fcfg, dcfg))
-  checkpointer = ckpt_lib.Checkpointer(workdir / "checkpoints", save_every=cfg.save_every,
+    write_json(workdir / ckpt_lib.RUN_CONFIG, run_config_record(cfg, lcfg, fcfg, dcfg))
+  checkpointer = ckpt_lib.Checkpointer(workdir / ckpt_lib.CHECKPOINTS_DIR, save_every=cfg.save_every,
                                        keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
   latest = checkpointer.latest_step()
   if latest is not None:

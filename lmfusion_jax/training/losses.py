@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 
 from lmfusion_jax import diffusion
+from lmfusion_jax.models.inputs import ImageInputs, TextInputs
 
 
 def lm_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array):
@@ -30,8 +31,7 @@ def fusion_loss(model, batch: dict, rng: jax.Array, schedule: diffusion.Schedule
     t = timesteps.astype(jnp.int32)
     eps = jax.random.normal(rng, latents.shape, jnp.float32).astype(latents.dtype)
     x_t = diffusion.q_sample(schedule, latents, t, eps)
-  logits, eps_pred, _ = model(batch["tokens"], batch["text_positions"], batch["text_segment_ids"], x_t, t,
-                              batch["image_positions"], batch["image_segment_ids"])
+  logits, eps_pred, _ = model(TextInputs.from_batch(batch), ImageInputs.from_batch(batch, x_t, t))
   text_loss, n_tok, nll_sum = lm_loss(logits, batch["targets"], batch["loss_mask"])
   image_loss, n_img = diffusion.diffusion_loss(eps_pred, eps, batch["image_segment_ids"] > 0)
   total = text_loss + dcfg.loss_weight * image_loss

@@ -1,6 +1,6 @@
 """Pretraining a small Llama-3-shaped text LM on plain text documents (what the demo and the ablations start
 from, standing in for a downloaded Llama-3). Documents "BOS text EOS" are packed into fixed-length rows with
-per-document positions and segment ids; AdamW with warmup + cosine decay; a pure jitted step.
+per-document positions and segment ids (data.packing, the packer every row goes through); AdamW with warmup + cosine decay; a pure jitted step.
 """
 from __future__ import annotations
 
@@ -14,34 +14,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lmfusion_jax import sharding
 from lmfusion_jax.training import losses
+from lmfusion_jax.data.batch import TEXT_KEYS
+from lmfusion_jax.data.packing import pack_documents
+from lmfusion_jax.data.sequences import text_document
 from lmfusion_jax.models.config import LlamaConfig
 from lmfusion_jax.models.llama import Llama
 
 
 def pack_text(docs: Sequence[Sequence[int]], seq_len: int) -> dict:
-  """Greedy packing of token lists into rows: tokens/positions/segment_ids/targets/loss_mask [rows, seq_len]."""
-  rows, cur = [], []
-  for d in docs:
-    d = list(d)[:seq_len]
-    if sum(len(x) for x in cur) + len(d) > seq_len:
-      rows.append(cur)
-      cur = []
-    cur.append(d)
-  if cur:
-    rows.append(cur)
-  out = {k: np.zeros((len(rows), seq_len), np.int32) for k in ("tokens", "positions", "segment_ids", "targets")}
-  out["loss_mask"] = np.zeros((len(rows), seq_len), np.float32)
-  for r, row in enumerate(rows):
-    o = 0
-    for s, d in enumerate(row, start=1):
-      n = len(d)
-      out["tokens"][r, o:o + n] = d
-      out["positions"][r, o:o + n] = np.arange(n)
-      out["segment_ids"][r, o:o + n] = s
-      out["targets"][r, o:o + n - 1] = d[1:]
-      out["loss_mask"][r, o:o + n - 1] = 1.0
-      o += n
-  return out
+  """Next-fit packing of token lists (each truncated to seq_len) into rows: the text fields of the packed-batch
+  contract (tokens / text_positions / text_segment_ids / targets / loss_mask [rows, seq_len])."""
+  documents = [text_document(str(i), list(d)[:seq_len]) for i, d in enumerate(docs)]
+  rows = list(pack_documents(documents, seq_len, 0, (1, 1, 1)))
+  return {k: np.stack([r[k] for r in rows]) for k in TEXT_KEYS}
 
 
 def encode_documents(tokenizer, texts: Sequence[str], bos: int, eos: int) -> list:
@@ -63,7 +48,7 @@ def pretrain(lcfg: LlamaConfig, rows: dict, *, steps: int, batch_size: int, lr: 
   def loss_fn(p, batch):
     st = jax.tree.map(lambda x: x, state)
     nnx.replace_by_pure_dict(st, p)
-    logits, _ = nnx.merge(graphdef, st)(batch["tokens"], batch["positions"], batch["segment_ids"])
+    logits, _ = nnx.merge(graphdef, st)(batch["tokens"], batch["text_positions"], batch["text_segment_ids"])
     return losses.lm_loss(logits, batch["targets"], batch["loss_mask"])[0]
 
   @jax.jit

@@ -1,0 +1,54 @@
+"""eps-MSE of held-out caption-first pairs at fixed timesteps (eval.timesteps), noise drawn from
+eval.noise_seed: a deterministic held-out loss for comparing checkpoints."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lmfusion_jax.data.batch import global_batch
+from lmfusion_jax.data.packing import empty_row, pack_documents
+from lmfusion_jax.data.sequences import layout_document
+from lmfusion_jax.evaluation.setup import EvalSetup, batch_rows, stack_batches
+from lmfusion_jax.inference.sampler import latent_shape
+from lmfusion_jax.training import step as ts
+
+
+def diffusion_losses(params, spec: ts.StepSpec, batches: list, timesteps: Sequence[int], noise_seed: int,
+                     mesh) -> dict:
+  """{t: mean eps-MSE over the valid images of `batches` at timestep t}; noise from (noise_seed, batch)."""
+  step = jax.jit(ts.make_eval_step(spec))
+  out = {}
+  with jax.set_mesh(mesh):
+    gbatches = [global_batch(b, mesh) for b in batches]
+    for t in timesteps:
+      total, count = 0.0, 0.0
+      for i, b in enumerate(gbatches):
+        tt = jnp.full(b["image_segment_ids"].shape, t, jnp.int32)
+        m = step(params, b, jax.random.fold_in(jax.random.key(noise_seed), i), tt)
+        total += float(m["image_loss"]) * float(m["images"])
+        count += float(m["images"])
+      out[int(t)] = total / max(count, 1.0)
+  return out
+
+
+class DiffusionLoss:
+  """Evaluator `diffusion_loss`: diffusion_loss_t{t} for each t, and diffusion_loss_mean."""
+  name = "diffusion_loss"
+
+  def run(self, s: EvalSetup) -> dict:
+    lm, data = s.loaded, s.cfg.data
+    shape = latent_shape(lm.fusion)
+    docs = [layout_document(r["id"], ids, r["latent"], caption_first=True, special=s.special,
+                            tokens_per_image=lm.fusion.tokens_per_image) for r, ids in zip(s.records, s.caption_ids)]
+    packed = list(pack_documents(docs, int(data.text_len), int(data.image_slots), shape))
+    batches = stack_batches(packed, batch_rows(data, lm.mesh), empty_row(int(data.text_len), int(data.image_slots),
+                                                                          shape))
+    spec = ts.StepSpec(lm.llama, lm.fusion, lm.diffusion, ("image",), 1)
+    timesteps = sorted({min(int(t), lm.diffusion.num_timesteps - 1) for t in s.cfg.eval.timesteps})
+    losses = diffusion_losses(lm.params, spec, batches, timesteps, int(s.cfg.eval.noise_seed), lm.mesh)
+    out = {f"diffusion_loss_t{t}": v for t, v in losses.items()}
+    out["diffusion_loss_mean"] = float(np.mean(list(losses.values())))
+    return out

@@ -1,0 +1,60 @@
+"""Images generated from the dataset's prompts (eval.sampler / sampling_steps / cfg_scale): for labelled data
+the share an independent classifier, fitted on the REAL training images, assigns to the prompted class; and a
+Frechet distance of generated vs real eval images in a feature space (the `feature_fn` given to `evaluate`,
+else the classifier's logits; null when neither exists; not Inception FID unless given Inception features)."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import numpy as np
+
+from lmfusion_jax.data import eval_sets
+from lmfusion_jax.data.batch import padded_chunks
+from lmfusion_jax.evaluation import metrics
+from lmfusion_jax.evaluation.setup import EvalSetup, read_records
+from lmfusion_jax.inference.image import generate_images
+from lmfusion_jax.inference.image_files import to_float_images
+from lmfusion_jax.models.config import ConfigError
+
+
+def sample_batched(model, prompt_ids: list, dcfg, ev, clip_x0, pad_id: int) -> np.ndarray:
+  """Latents for every prompt, in batches of eval.batch_size (last batch padded: one compilation)."""
+  out = []
+  for start, (chunk, real) in zip(range(0, len(prompt_ids), int(ev.batch_size)),
+                                  padded_chunks(prompt_ids, int(ev.batch_size))):
+    lat = generate_images(model, chunk, dcfg, num_steps=int(ev.sampling_steps), sampler=ev.sampler,
+                          cfg_scale=float(ev.cfg_scale), seed=int(ev.seed) + start, eta=float(ev.eta),
+                          clip_x0=clip_x0, pad_id=pad_id)
+    out.append(np.asarray(lat)[:real])
+  return np.concatenate(out)
+
+
+class Generation:
+  """Evaluator `generation`: num_generated, generation_accuracy (labelled data), fid."""
+  name = "generation"
+
+  def __init__(self, feature_fn: Optional[Callable[[np.ndarray], np.ndarray]] = None):
+    self.feature_fn = feature_fn
+
+  def run(self, s: EvalSetup) -> dict:
+    ev, data = s.cfg.eval, s.cfg.data
+    prompts, labels = eval_sets.generation_prompts(data.dataset, s.records, int(ev.samples_per_class),
+                                                   int(ev.num_generated))
+    latents = sample_batched(s.model, [s.encode(p) for p in prompts], s.loaded.diffusion, ev, s.clip_x0,
+                             s.special["pad"])
+    images = to_float_images(latents, s.vae)
+    out = {"num_generated": len(prompts)}
+    clf = None
+    if labels is not None:
+      train = read_records(data, data.split)
+      if any(r["label"] is None for r in train):
+        raise ConfigError(f"data.{data.split}: records without labels; cannot fit the image classifier")
+      clf = metrics.fit_digit_classifier(to_float_images(np.stack([r["latent"] for r in train]), s.vae),
+                                         [r["label"] for r in train])
+      out["generation_accuracy"] = metrics.generation_accuracy(clf, images, labels)
+    feature_fn = self.feature_fn or (metrics.digit_feature_fn(clf) if clf is not None else None)
+    out["fid"] = None
+    if ev.fid and feature_fn is not None:
+      real = to_float_images(np.stack([r["latent"] for r in s.records]), s.vae)
+      out["fid"] = metrics.fid_from_images(real, images, feature_fn)
+    return out

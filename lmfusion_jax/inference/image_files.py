@@ -1,0 +1,120 @@
+"""Images out of the sampler: latents -> pixels (the VAE decoder, or the identity for pixel-space data such as
+the digits), upscaling, contact sheets, and PNG files (written atomically through checkpoints.files).
+
+  decode_to_images(latents, vae=None) -> uint8 [N, H', W', C']
+  write_png / contact_sheet / write_samples
+"""
+from __future__ import annotations
+
+import io
+import os
+from typing import Optional
+
+import jax.numpy as jnp
+import numpy as np
+
+from lmfusion_jax.checkpoints.files import write_bytes
+from lmfusion_jax.models.vae import jit_decode_latents, jit_encode_latents
+
+
+def to_float_images(latents, vae=None) -> np.ndarray:
+  """Latents [N, h, w, c] -> float images in [-1, 1] (clipped) [N, H, W, C]: the VAE decoder, or the
+  identity for pixel-space datasets (digits: the latent IS the image)."""
+  x = jnp.asarray(latents, jnp.float32)
+  if vae is not None:
+    x = jit_decode_latents(vae)(x)
+  x = np.asarray(x, np.float32)
+  if x.ndim != 4:
+    raise ValueError(f"latents must be [N, H, W, C], got shape {x.shape}")
+  if not np.all(np.isfinite(x)):
+    raise ValueError("decoded images contain NaN or Inf")
+  return np.clip(x, -1.0, 1.0)
+
+
+def float_to_uint8(images: np.ndarray) -> np.ndarray:
+  """[-1, 1] -> 0..255 (rounded)."""
+  return np.round((np.clip(images, -1.0, 1.0) + 1.0) * 127.5).astype(np.uint8)
+
+
+def decode_to_images(latents, vae=None) -> np.ndarray:
+  """Latents [N, h, w, c] -> uint8 images [N, H, W, C] (VAE decode, or identity mapping [-1, 1] -> 0..255)."""
+  return float_to_uint8(to_float_images(latents, vae))
+
+
+def upscale(images: np.ndarray, factor: int) -> np.ndarray:
+  """Nearest-neighbour upscaling of uint8 [N, H, W, C] by an integer factor (tiny digits become visible)."""
+  if factor < 1:
+    raise ValueError(f"upscale factor {factor} must be >= 1")
+  return np.repeat(np.repeat(images, factor, axis=1), factor, axis=2)
+
+
+def contact_sheet(images: np.ndarray, columns: Optional[int] = None, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+  """uint8 [N, H, W, C] -> one uint8 grid image [rows * (H + pad) + pad, cols * (W + pad) + pad, C]."""
+  images = np.asarray(images)
+  if images.ndim != 4 or images.dtype != np.uint8 or len(images) == 0:
+    raise ValueError(f"contact_sheet: expected uint8 [N, H, W, C] with N >= 1, got {images.dtype} {images.shape}")
+  n, h, w, c = images.shape
+  cols = columns or int(np.ceil(np.sqrt(n)))
+  rows = int(np.ceil(n / cols))
+  sheet = np.full((rows * (h + pad) + pad, cols * (w + pad) + pad, c), pad_value, np.uint8)
+  for i, img in enumerate(images):
+    r, q = divmod(i, cols)
+    y, x = pad + r * (h + pad), pad + q * (w + pad)
+    sheet[y:y + h, x:x + w] = img
+  return sheet
+
+
+def write_png(path, image: np.ndarray) -> str:
+  """Writes uint8 [H, W, 1|3|4] (or [H, W]) as PNG, atomically."""
+  from PIL import Image
+  image = np.asarray(image)
+  if image.dtype != np.uint8:
+    raise ValueError(f"write_png {path}: expected uint8 pixels, got {image.dtype}")
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = image[..., 0]
+  if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[-1] not in (3, 4)):
+    raise ValueError(f"write_png {path}: expected [H, W], [H, W, 1], [H, W, 3] or [H, W, 4], got {image.shape}")
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format="PNG")
+  write_bytes(os.fspath(path), buf.getvalue())
+  return os.fspath(path)
+
+
+def write_samples(images: np.ndarray, out_dir, prefix: str = "sample", scale: int = 1,
+                  columns: Optional[int] = None) -> dict:
+  """Writes each uint8 image as OUT/prefix_00000.png and a contact sheet OUT/contact_sheet.png (both
+  upscaled by `scale`). Returns {"images": [paths], "contact_sheet": path}."""
+  images = upscale(np.asarray(images), scale)
+  paths = [write_png(os.path.join(os.fspath(out_dir), f"{prefix}_{i:05d}.png"), img)
+           for i, img in enumerate(images)]
+  sheet = write_png(os.path.join(os.fspath(out_dir), "contact_sheet.png"), contact_sheet(images, columns))
+  return {"images": paths, "contact_sheet": sheet}
+
+
+def load_image(path: str, size: int, channels: int) -> np.ndarray:
+  """Image file -> float32 [size, size, channels] in [-1, 1] (area resize)."""
+  from PIL import Image
+  try:
+    img = Image.open(path)
+    img.load()
+  except Exception as e:  # PIL raises several types for unreadable files
+    raise ValueError(f"--image {path}: cannot read the image ({type(e).__name__}: {e})") from e
+  if channels not in (1, 3):
+    raise ValueError(f"--image {path}: the model has {channels} image channels; only 1 (grey) or 3 (RGB) "
+                     f"can be read from an image file")
+  img = img.convert("L" if channels == 1 else "RGB")
+  if img.size != (size, size):
+    img = img.resize((size, size), Image.Resampling.BOX)
+  x = np.asarray(img, np.float32) / 127.5 - 1.0
+  return x[:, :, None] if x.ndim == 2 else x
+
+
+def latents_from_files(paths, fcfg, vae=None) -> np.ndarray:
+  """Image files -> clean latents [N, H, W, C] for the model: without a VAE the image IS the latent (pixel-space
+  data such as the digits: converted to the model's channel count, area-resized to the latent size, mapped to
+  [-1, 1]); with one it is resized to the VAE's input size and encoded (posterior mean)."""
+  if vae is None:
+    return np.stack([load_image(f, fcfg.latent_size, fcfg.latent_channels) for f in paths])
+  pixels = np.stack([load_image(f, fcfg.latent_size * vae.cfg.downsample_factor, vae.cfg.in_channels)
+                     for f in paths])
+  return np.asarray(jit_encode_latents(vae)(jnp.asarray(pixels)))
