@@ -24,6 +24,7 @@ from lmfusion_jax import sharding  # noqa: E402
 from lmfusion_jax.planning import flops as flops_lib
 from lmfusion_jax.planning import plan
 from lmfusion_jax.models import attention as attn_lib  # noqa: E402
+from lmfusion_jax.models.mask import TokenInfo  # noqa: E402
 
 
 def compile_attention(impl: str, mesh, rows: int, seq: int, heads=32, kv_heads=8, head_dim=128):
@@ -32,7 +33,7 @@ def compile_attention(impl: str, mesh, rows: int, seq: int, heads=32, kv_heads=8
   q = sds((rows, seq, heads, head_dim), jnp.bfloat16)
   k = sds((rows, seq, kv_heads, head_dim), jnp.bfloat16)
   v = sds((rows, seq, kv_heads, head_dim), jnp.bfloat16)
-  info = attn_lib.TokenInfo(*(sds((rows, seq), jnp.int32) for _ in range(3)))
+  info = TokenInfo(*(sds((rows, seq), jnp.int32) for _ in range(3)))
 
   def fwd_bwd(q, k, v, info):
     loss = lambda q, k, v: attn_lib.dot_product_attention(q, k, v, info, info, impl).astype(jnp.float32).sum()  # noqa: E731

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from lmfusion_jax.inference import text as gen
+from lmfusion_jax.models import sharded
 from lmfusion_jax.convert import hf_llama  # noqa: E402
 from timing import timed  # noqa: E402
 

@@ -17,9 +17,11 @@ from flax import nnx
 
 from lmfusion_jax.models import decoder
 from lmfusion_jax.models import layers as L
-from lmfusion_jax.models.attention import TokenInfo, dot_product_attention
+from lmfusion_jax.models.attention import dot_product_attention
 from lmfusion_jax.models.config import FusionConfig, LlamaConfig
-from lmfusion_jax.models.fusion import LMFusion, image_token_info
+from lmfusion_jax.models.fusion import LMFusion
+from lmfusion_jax.models.inputs import ImageInputs, TextInputs
+from lmfusion_jax.models.mask import TokenInfo, image_info, text_info
 
 
 def analytic(lc, fc, b, t, slots):
@@ -67,14 +69,13 @@ def measure(lc, fc, b, t, slots):
   tok = jnp.ones((b, t), jnp.int32)
 
   def routed(st):
-    return nnx.merge(gd, st)(tok, pos, seg, lat, ts, ipos, iseg)[:2]
+    return nnx.merge(gd, st)(TextInputs(tok, pos, seg), ImageInputs(lat, ts, ipos, iseg))[:2]
 
   def both(st):
     m = nnx.merge(gd, st)
     img_tok, skips, temb = m.image.io.encode(lat.reshape((b * slots,) + lat.shape[2:]), ts.reshape(-1), jnp.float32)
     x = jnp.concatenate([img_tok.reshape(b, slots * n_tok, -1), m.text.embed_tokens(tok)], axis=1)
-    info = TokenInfo.concat([image_token_info(ipos, iseg, n_tok),
-                             TokenInfo(pos, seg, jnp.full((b, t), -1, jnp.int32))])
+    info = TokenInfo.concat([image_info(ipos, iseg, n_tok), text_info(pos, seg)])
     is_img = jnp.arange(x.shape[1])[None, :].repeat(b, 0) < slots * n_tok
     x = both_branches_stack(lc, m.text.layers.arrays(), m.image.layers.arrays(), x, is_img, info)
     logits = m.text.logits(x[:, slots * n_tok:])

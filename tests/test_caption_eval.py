@@ -16,9 +16,13 @@ from PIL import Image
 
 from lmfusion_jax import cli, diffusion, sharding
 from lmfusion_jax.inference import caption as cap
+from lmfusion_jax.inference.interleaved import generate_interleaved
+from lmfusion_jax.inference.sampler import Sampler
+from lmfusion_jax.models.inputs import ImageInputs, TextInputs
 from lmfusion_jax.evaluation import evaluate as ev
 from lmfusion_jax.inference import image as gi
 from lmfusion_jax.checkpoints import params as params_io
+from lmfusion_jax.data import eval_sets
 from lmfusion_jax.data.sequences import layout_document
 from test_sampling import tiny_model
 
@@ -58,7 +62,8 @@ def test_first_logits_follow_the_image_first_training_layout(model):
   lat = latents(2, seed=1)
   first = cap.caption_latents(model, lat, 2, eos_ids=())
   graphdef, state = nnx.split(model)
-  forward = jax.jit(lambda st, *a: nnx.merge(graphdef, st)(*a)[0])
+  forward = jax.jit(lambda st, tok, pos, seg, lat, t, ipos, iseg: nnx.merge(graphdef, st)(
+      TextInputs(tok, pos, seg), ImageInputs(lat, t, ipos, iseg))[0])
   for row in range(2):
     doc = layout_document("x", [first[row][0]], lat[row], caption_first=False, special=special,
                           tokens_per_image=fcfg.tokens_per_image)
@@ -67,7 +72,7 @@ def test_first_logits_follow_the_image_first_training_layout(model):
     logits = forward(state, jnp.asarray(tokens), jnp.asarray(pos), jnp.ones_like(jnp.asarray(tokens)),
                      jnp.asarray(doc.latents[None]), jnp.zeros((1, 1), jnp.int32),
                      jnp.asarray(doc.image_positions[None]), jnp.ones((1, 1), jnp.int32))
-    cached_logits, _ = cap.prefill_image_prefix(graphdef, state, jnp.asarray(lat[row:row + 1]), cache_len=32)
+    cached_logits, _ = Sampler(model).prefill_image(lat[row:row + 1], cache_len=32)
     np.testing.assert_allclose(np.asarray(cached_logits[0]), np.asarray(logits[0, 2]), atol=1e-5, rtol=1e-5)
     assert int(jnp.argmax(logits[0, 2])) == first[row][0] and int(jnp.argmax(logits[0, 3])) == first[row][1]
 
@@ -80,7 +85,7 @@ def test_interleaved_generation_text_image_text():
   m.text.lm_head[...] = jnp.zeros_like(m.text.lm_head[...])
   dcfg = diffusion.DiffusionConfig()
   kw = dict(num_steps=3, sampler="ddim", cfg_scale=2.0, seed=11, clip_x0=1.0)
-  segments = cap.generate_interleaved(m, [m.lcfg.bos_id, 7, 8], dcfg, max_new_tokens=4, max_images=1, **kw)
+  segments = generate_interleaved(m, [m.lcfg.bos_id, 7, 8], dcfg, max_new_tokens=4, max_images=1, **kw)
   kinds = [k for k, _ in segments]
   assert kinds == ["text", "image", "text"]
   assert segments[0][1] == [0] and segments[2][1] == [0, 0, 0]       # 4 text tokens in total
@@ -108,16 +113,16 @@ def test_caption_cli_reads_png_and_matches_library(tmp_path, tokenizer_dir):
 
 
 def test_text_nll_matches_per_caption_log_softmax(model):
-  """The eval's batched, padded text NLL equals summing -log p(next token) over each document alone."""
+  """The eval's packed, batched, padded text NLL equals summing -log p(next token) over each document alone."""
+  import ml_collections
+  from lmfusion_jax.evaluation.text_nll import held_out_text_metrics
   lcfg, fcfg = model.lcfg, model.fcfg
   captions = [[5, 6, 7], [9], [10, 11, 12, 13, 14]]
-  rows = ev.text_rows(captions, lcfg.bos_id, lcfg.eos_id, 12)
-  assert rows[1]["tokens"][:3].tolist() == [lcfg.bos_id, 9, lcfg.eos_id]
-  assert rows[1]["loss_mask"].tolist() == [1, 1] + [0] * 10
-  batches = ev._stack(rows, 8, {k: np.zeros_like(v) for k, v in rows[0].items()})  # 1 row per device
+  data_cfg = ml_collections.ConfigDict(dict(text_len=12, global_batch_size=8))   # 1 row per device
   mesh = sharding.make_mesh(fsdp=-1)
   params = nnx.to_pure_dict(nnx.state(model))
-  nll, count = ev.text_nll(params, lcfg, fcfg, batches, mesh)
+  m = held_out_text_metrics(params, lcfg, fcfg, data_cfg, captions, mesh)
+  nll, count = m["text_nll"], m["text_tokens"]
   graphdef, state = nnx.split(model.text)
   text_logits = jax.jit(lambda st, tokens: nnx.merge(graphdef, st)(tokens)[0])
   total, n = 0.0, 0
@@ -133,10 +138,10 @@ def test_text_nll_matches_per_caption_log_softmax(model):
 
 def test_references_and_prompts_for_digits():
   rec = {"label": 7, "caption": "digit 7"}
-  refs = ev.references_for(rec, "digits")
+  refs = eval_sets.references("digits", rec)
   assert "a handwritten digit seven" in refs and "digit 7" in refs and len(refs) == 8
-  assert ev.references_for(rec, "image_captions") == ["digit 7"]
-  prompts, labels = ev.generation_prompts([], "digits", 10, 2, 0)
+  assert eval_sets.references("image_captions", rec) == ["digit 7"]
+  prompts, labels = eval_sets.generation_prompts("digits", [], 2, 0)
   assert len(prompts) == 20 and labels == [c for c in range(10) for _ in range(2)]
   assert prompts[0] == "a handwritten digit zero" and prompts[3] == "the number 1 written by hand"
 

@@ -15,7 +15,8 @@ from safetensors.numpy import load_file, save_file
 
 from lmfusion_jax import cli, sharding
 from lmfusion_jax.checkpoints import params as params_io
-from lmfusion_jax.commands import convert_llama
+from lmfusion_jax.convert import llama_checkpoint
+from lmfusion_jax.models import sharded
 from lmfusion_jax.convert import hf_llama
 from lmfusion_jax.models import fusion
 from lmfusion_jax.models.config import FusionConfig
@@ -126,14 +127,14 @@ def test_restore_on_other_meshes(converted, tmp_path):
   cfg, _ = params_io.read_model_config(converted)
   text = params_io.load_params(converted, subtree="text")
   mesh8 = sharding.make_mesh(fsdp=4, tensor=2)
-  sh8 = params_io.param_shardings(cfg, None, mesh8)
-  sharded = {"text": jax.tree.map(jax.device_put, text, sh8["text"])}
-  assert sharded["text"]["embed"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
-  params_io.save_params(tmp_path / "resaved", sharded, cfg)
+  sh8 = sharded.model_shardings(cfg, None, mesh8)
+  on8 = {"text": jax.tree.map(jax.device_put, text, sh8["text"])}
+  assert on8["text"]["embed"].sharding.spec == jax.sharding.PartitionSpec("tensor", "fsdp")
+  params_io.save_params(tmp_path / "resaved", on8, cfg)
   for mesh in (sharding.make_mesh(fsdp=1, devices=jax.devices()[:1]),
                sharding.make_mesh(fsdp=2, tensor=2, devices=jax.devices()[4:8])):
     restored = params_io.load_params(tmp_path / "resaved", mesh=mesh)
-    want = params_io.param_shardings(cfg, None, mesh)
+    want = sharded.model_shardings(cfg, None, mesh)
     for leaf, ref, s in zip(jax.tree.leaves(restored["text"]), jax.tree.leaves(text),
                             jax.tree.leaves(want["text"])):
       assert leaf.sharding == s
@@ -191,7 +192,7 @@ def test_small_chunks_restore_bitwise(source, hf_fp32, hf_bf16_sharded, tmp_path
   out = tmp_path / "ckpt"
   fcfg = FusionConfig(separation="deep", image_io="linear", latent_size=8, latent_channels=4, boi_id=250,
                       eoi_id=251)
-  convert_llama.convert(path, out, fusion_cfg=fcfg, seed=3, chunk_bytes=512)
+  llama_checkpoint.convert(path, out, fusion_cfg=fcfg, seed=3, chunk_bytes=512)
   cfg, want = hf_llama.load_hf_text_params(path)
   stored = params_io.stored_metadata(out)
   embed_chunk = stored["text"]["embed"].storage_metadata.chunk_shape
@@ -212,7 +213,7 @@ def test_small_chunks_restore_bitwise(source, hf_fp32, hf_bf16_sharded, tmp_path
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), params["image"], ref_image)
   mesh = sharding.make_mesh(fsdp=2, tensor=2, devices=jax.devices()[:4])
   on_mesh = params_io.load_params(out, mesh=mesh, subtree="text")
-  shardings = params_io.param_shardings(cfg, fcfg, mesh)["text"]
+  shardings = sharded.model_shardings(cfg, fcfg, mesh)["text"]
   for got, ref, s in zip(jax.tree.leaves(on_mesh), jax.tree.leaves(want), jax.tree.leaves(shardings)):
     assert got.sharding == s
     np.testing.assert_array_equal(bits(got), bits(ref))
@@ -279,7 +280,7 @@ def test_failure_midway_leaves_nothing(hf_fp32, tmp_path, monkeypatch):
 
   monkeypatch.setattr(hf_llama.HFCheckpoint, "read_slice", flaky_read)
   with pytest.raises(OSError, match="simulated"):
-    convert_llama.convert(src, tmp_path / "ckpt")
+    llama_checkpoint.convert(src, tmp_path / "ckpt")
   assert calls["n"] == 7
   assert list(tmp_path.iterdir()) == []
 

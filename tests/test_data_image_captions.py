@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from lmfusion_jax.convert.diffusers_vae import save_vae
+from lmfusion_jax.checkpoints.vae import save_vae
 from lmfusion_jax.data import pipeline, tokenizer as tk
 from lmfusion_jax.data.build import build_dataset
 from lmfusion_jax.data.batch import check_batch

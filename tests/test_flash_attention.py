@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lmfusion_jax import sharding
 from lmfusion_jax.models import attention as A
 from lmfusion_jax.models.flash_attention import flash_attention
+from lmfusion_jax.models.mask import TokenInfo
 
 
 def packed_info(rng, batch: int, length: int, shuffle: bool = True):
@@ -32,7 +33,7 @@ def packed_info(rng, batch: int, length: int, shuffle: bool = True):
   if shuffle:
     perm = rng.permutation(length)
     pos, seg, img = pos[:, perm], seg[:, perm], img[:, perm]
-  return A.TokenInfo(jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(img))
+  return TokenInfo(jnp.asarray(pos), jnp.asarray(seg), jnp.asarray(img))
 
 
 def qkv(rng, batch, tq, tk, heads, kv_heads, dim, dtype=jnp.float32):
@@ -74,7 +75,7 @@ def test_queries_against_a_longer_key_sequence():
   """Decoding-style: the queries are the last tokens of the keys' sequence (KV cache)."""
   rng = np.random.default_rng(1)
   info = packed_info(rng, 2, 260, shuffle=False)
-  q_info = A.TokenInfo(*(x[:, -40:] for x in info))
+  q_info = TokenInfo(*(x[:, -40:] for x in info))
   q, k, v = qkv(rng, 2, 40, 260, 4, 2, 16)
   np.testing.assert_allclose(flash(q, k, v, q_info, info), A.xla_attention(q, k, v, q_info, info),
                              atol=1e-5, rtol=0)
@@ -103,7 +104,7 @@ def test_sharded_over_8_devices_equals_unsharded(num_devices):
   put = lambda x: jax.device_put(x, batch)   # noqa: E731
   with jax.set_mesh(mesh):
     fn = jax.jit(lambda q, k, v, w, info: value_and_grads(lambda q, k, v: flash(q, k, v, info, info), q, k, v, w))
-    got = fn(put(q), put(k), put(v), put(w), A.TokenInfo(*map(put, info)))
+    got = fn(put(q), put(k), put(v), put(w), TokenInfo(*map(put, info)))
   np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
   for a, b in zip(got[1], want[1]):
     np.testing.assert_allclose(a, b, atol=2e-5, rtol=0)
@@ -120,7 +121,7 @@ def test_tpu_compile_counts_the_kernel_cost():
   batch = NamedSharding(mesh, P(("data", "fsdp")))
   sds = lambda shape, dt: jax.ShapeDtypeStruct(shape, dt, sharding=batch)   # noqa: E731
   q, k, v = sds((b, s, h, d), jnp.bfloat16), sds((b, s, kvh, d), jnp.bfloat16), sds((b, s, kvh, d), jnp.bfloat16)
-  info = A.TokenInfo(*(sds((b, s), jnp.int32) for _ in range(3)))
+  info = TokenInfo(*(sds((b, s), jnp.int32) for _ in range(3)))
 
   def fwd_bwd(q, k, v, info):
     f = lambda q, k, v: flash_attention(q, k, v, info, info).astype(jnp.float32).sum()   # noqa: E731

@@ -10,9 +10,11 @@ from flax import nnx
 
 from lmfusion_jax import sharding
 from lmfusion_jax.models import decoder, sharded
-from lmfusion_jax.models.attention import TokenInfo
+from lmfusion_jax.models.mask import TokenInfo
 from lmfusion_jax.models.config import FusionConfig, LlamaConfig
-from lmfusion_jax.models.fusion import LMFusion, image_token_info
+from lmfusion_jax.models.fusion import LMFusion
+from lmfusion_jax.models.inputs import ImageInputs, TextInputs
+from lmfusion_jax.models.mask import image_info as image_token_info
 
 LCFG = LlamaConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, ffn_dim=48,
                    rope_theta=10000.0, bos_id=1, eos_id=2)
@@ -55,7 +57,8 @@ def test_text_only_logits_bitwise_equal_llama(separation, image_io, scan):
   tok, pos, seg = text_batch()
   empty_lat = jnp.zeros((2, 0, 4, 4, 2))
   empty = jnp.zeros((2, 0), jnp.int32)
-  fused = jax.jit(lambda m, *a: m(*a)[0])(model, tok, pos, seg, empty_lat, empty, empty, empty)
+  fused = jax.jit(lambda m, *a: m(TextInputs(*a[:3]), ImageInputs(*a[3:]))[0])(model, tok, pos, seg, empty_lat,
+                                                                                      empty, empty, empty)
   plain = jax.jit(lambda m, *a: m.text(*a)[0])(model, tok, pos, seg)
   np.testing.assert_array_equal(np.asarray(fused), np.asarray(plain))
   assert fused.dtype == jnp.float32
@@ -87,7 +90,8 @@ def mask_model():
 
 def run(model, lat, tok, pos, seg, ipos, iseg):
   ts = jnp.full(ipos.shape, 100, jnp.int32)
-  return jax.jit(lambda m, *a: m(*a)[:2])(model, tok, pos, seg, lat, ts, ipos, iseg)
+  return jax.jit(lambda m, *a: m(TextInputs(*a[:3]), ImageInputs(*a[3:]))[:2])(model, tok, pos, seg, lat, ts, ipos,
+                                                                                  iseg)
 
 
 def test_mask_semantics(mask_model):
@@ -202,7 +206,8 @@ def test_fused_layer_matches_numpy_reference(separation):
   from lmfusion_jax.models import layers as L
   rope_i = L.rope_cos_sin(info_img.positions, cfg); rope_t = L.rope_cos_sin(info_txt.positions, cfg)
   j = lambda t: jax.tree.map(lambda a: jnp.asarray(a, jnp.float32), t)
-  yi, yt, _ = decoder.fused_layer(cfg, separation, "xla", j(x_img), j(x_txt), j(tw), j(iw), rope_i, rope_t,
+  yi, yt, _ = decoder.fused_layer(decoder.LayerSpec(cfg, separation, "xla"), decoder.Stream(j(x_txt), rope_t),
+                                  decoder.Stream(j(x_img), rope_i), decoder.LayerWeights(j(tw), j(iw)),
                                   TokenInfo.concat([info_img, info_txt]))
   # numpy: the sequence in arbitrary (text-first) order, to show order does not matter.
   x = np.concatenate([x_txt[0], x_img[0]])
@@ -292,7 +297,7 @@ def test_routed_forward_flops_match_analytic_count():
     m = nnx.merge(gd, st)
     pos = jnp.broadcast_to(jnp.arange(t), (b, t)); seg = jnp.ones((b, t), jnp.int32)
     ipos = jnp.broadcast_to(t + 64 * jnp.arange(slots), (b, slots)); iseg = jnp.ones((b, slots), jnp.int32)
-    return m(tok, pos, seg, lat, ts, ipos, iseg)[:2]
+    return m(TextInputs(tok, pos, seg), ImageInputs(lat, ts, ipos, iseg))[:2]
 
   args = (st, jnp.ones((b, t), jnp.int32), jnp.zeros((b, slots, 8, 8, 4)), jnp.zeros((b, slots), jnp.int32))
   cost = jax.jit(fwd).lower(*args).compile().cost_analysis()

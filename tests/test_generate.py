@@ -11,9 +11,10 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from lmfusion_jax import cli
-from lmfusion_jax.inference import text as gen
+from lmfusion_jax.inference import sampler as sampler_lib, text as gen
+from lmfusion_jax.models import sharded
 from lmfusion_jax.checkpoints import params as params_io
-from lmfusion_jax.commands import convert_llama
+from lmfusion_jax.convert import llama_checkpoint
 
 from hf_models import VOCAB, make_hf_llama
 CORPUS = ["the quick brown fox jumps over the lazy dog", "a cat sat on the mat and looked at the dog",
@@ -40,7 +41,7 @@ def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("gen")
   tok = make_tokenizer(root / "tok")
   hf = make_hf_llama(root / "hf", random_norms=False, rms_norm_eps=1e-6, pad_token_id=0)
-  convert_llama.convert(root / "hf", root / "ckpt")
+  llama_checkpoint.convert(root / "hf", root / "ckpt")
   return tok, hf, root
 
 
@@ -104,7 +105,7 @@ def test_sampler_matches_numpy_reference(temperature, top_p):
   logits = np.array([2.0, 1.5, 1.0, 0.5, 0.0, -1.0, -3.0, 0.25], np.float32)
   n = 40000
   batch = jnp.broadcast_to(jnp.asarray(logits), (n, logits.size))
-  draws = np.asarray(gen.sample_token(batch, jax.random.key(0), temperature, top_p, greedy=False))
+  draws = np.asarray(sampler_lib.sample_token(batch, jax.random.key(0), temperature, top_p, greedy=False))
   freq = np.bincount(draws, minlength=logits.size) / n
   want = nucleus_reference(logits.astype(np.float64), temperature, top_p)
   assert np.all(freq[want == 0] == 0)  # nothing outside the nucleus is ever drawn

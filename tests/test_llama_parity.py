@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from flax import nnx
 
-from lmfusion_jax.inference import text as gen
+from lmfusion_jax.inference import sampler as sampler_lib, text as gen
+from lmfusion_jax.models import sharded
 from lmfusion_jax.convert import hf_llama
 
 from hf_models import VOCAB, make_hf_llama
@@ -106,16 +106,13 @@ def test_kv_cache_logits_equal_full_recompute(variants, variant):
   rng = np.random.RandomState(3)
   prompts = [rng.randint(0, VOCAB, 9).tolist(), rng.randint(0, VOCAB, 4).tolist()]
   cont = rng.randint(0, VOCAB, (2, 7))
-  tokens, segs, pos = gen.left_pad(prompts)
-  p = tokens.shape[1]
-  graphdef, state = nnx.split(model)
-  logits, cache = gen.prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(segs), jnp.asarray(pos),
-                              cache_len=p + cont.shape[1])
+  p = max(len(x) for x in prompts)
+  sampler = sampler_lib.Sampler(model)
+  logits, cache = sampler.prefill(prompts, cache_len=p + cont.shape[1])
   steps = [np.asarray(logits)]
   lengths = np.array([len(x) for x in prompts])
   for i in range(cont.shape[1] - 1):
-    logits, cache = gen.decode_step(graphdef, state, jnp.asarray(cont[:, i]), jnp.asarray(lengths + i),
-                                    cache, p + i)
+    logits, cache = sampler.decode_step(cache, cont[:, i], lengths + i, p + i)
     steps.append(np.asarray(logits))
   cached = np.stack(steps, axis=1)  # [batch, 7, vocab]: logits predicting cont[:, 0..6]
   for b, prompt in enumerate(prompts):

@@ -12,7 +12,7 @@ from flax import nnx
 from PIL import Image
 
 from lmfusion_jax import cli, diffusion
-from lmfusion_jax.inference import image as gi
+from lmfusion_jax.inference import image as gi, image_files
 from lmfusion_jax.inference import loading as model_loading
 from lmfusion_jax.checkpoints import params as params_io
 from lmfusion_jax.models.config import FusionConfig, LlamaConfig
@@ -143,16 +143,16 @@ def test_decode_to_images_png_and_contact_sheet(tmp_path):
   lat[0] = -1.0
   lat[1] = 1.0
   lat[2] = [[[-2.0], [0.0]], [[0.5], [3.0]]]        # clipped outside [-1, 1]
-  img = gi.decode_to_images(lat)
+  img = image_files.decode_to_images(lat)
   assert img.dtype == np.uint8 and img.shape == (3, 2, 2, 1)
   assert img[0].max() == 0 and img[1].min() == 255
   assert img[2, :, :, 0].tolist() == [[0, 128], [191, 255]]   # round((x + 1) * 127.5)
-  sheet = gi.contact_sheet(img, columns=2, pad=1, pad_value=7)
+  sheet = image_files.contact_sheet(img, columns=2, pad=1, pad_value=7)
   assert sheet.shape == (2 * 3 + 1, 2 * 3 + 1, 1)
   np.testing.assert_array_equal(sheet[1:3, 4:6], img[1])       # row 0, column 1
   np.testing.assert_array_equal(sheet[4:6, 1:3], img[2])       # row 1, column 0
   assert sheet[0, 0, 0] == 7 and np.all(sheet[4:6, 4:6] == 7)  # padding and the empty cell
-  out = gi.write_samples(img, tmp_path / "s", scale=3, columns=2)
+  out = image_files.write_samples(img, tmp_path / "s", scale=3, columns=2)
   assert len(out["images"]) == 3 and not [f for f in os.listdir(tmp_path / "s") if f.startswith(".tmp")]
   back = np.asarray(Image.open(out["images"][2]))
   np.testing.assert_array_equal(back, np.repeat(np.repeat(img[2, :, :, 0], 3, 0), 3, 1))
@@ -179,7 +179,7 @@ def test_sample_cli_writes_pngs_matching_the_library(tmp_path, tokenizer_dir):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   restored = sharded.model(loaded.llama, loaded.fusion, loaded.params)
   enc = CaptionEncoder(tok)
-  want = gi.decode_to_images(gi.generate_images(
+  want = image_files.decode_to_images(gi.generate_images(
       restored, [enc(e["prompt"]) for e in manifest], DCFG, num_steps=3, cfg_scale=2.0, seed=5, clip_x0=1.0,
       pad_id=sp["pad"]))
   for k, f in enumerate(files):

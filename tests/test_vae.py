@@ -12,6 +12,8 @@ import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from flax import nnx
 
+from lmfusion_jax.checkpoints import vae as vae_ckpt
+from lmfusion_jax.checkpoints.files import CheckpointError
 from lmfusion_jax.convert import diffusers_vae as cv
 from lmfusion_jax.models import vae as V
 from lmfusion_jax.models.config import ConfigError
@@ -169,7 +171,7 @@ def test_missing_tensor(standard, tmp_path):
   _, folder, _, _ = standard
   key = "decoder.up_blocks.1.resnets.0.conv_shortcut.weight"
   bad = rewrite_weights(folder, tmp_path / "bad", lambda t: t.pop(key))
-  with pytest.raises(cv.VAECheckpointError, match=key.replace(".", r"\.")):
+  with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
     cv.load_diffusers_vae(bad)
   assert_cli_fails_cleanly(bad, tmp_path / "out", key, cv.DIFFUSERS_WEIGHTS)
 
@@ -186,7 +188,7 @@ def test_unused_tensor_is_an_error(standard, tmp_path):
   _, folder, _, _ = standard
   bad = rewrite_weights(folder, tmp_path / "bad",
                         lambda t: t.__setitem__("encoder.extra.weight", np.zeros((3,), np.float32)))
-  with pytest.raises(cv.VAECheckpointError, match="encoder.extra.weight"):
+  with pytest.raises(CheckpointError, match="encoder.extra.weight"):
     cv.load_diffusers_vae(bad)
 
 
@@ -229,7 +231,7 @@ def test_flax_checkpoint_round_trip_is_bitwise(standard, tmp_path):
   _, folder, cfg, vae = standard
   out = tmp_path / "flax_vae"
   assert run_cli(["convert-vae", "--diffusers-dir", str(folder), "--out", str(out)])[0] == 0
-  cfg2, vae2 = cv.load_vae(out)
+  cfg2, vae2 = vae_ckpt.load_vae(out)
   assert cfg2 == cfg
   flat1 = dict(nnx.to_flat_state(nnx.state(vae, nnx.Param)))
   flat2 = dict(nnx.to_flat_state(nnx.state(vae2, nnx.Param)))
@@ -240,13 +242,13 @@ def test_flax_checkpoint_round_trip_is_bitwise(standard, tmp_path):
     assert flat1[k].get_metadata().get("out_sharding") == flat2[k].get_metadata().get("out_sharding")
   # An existing output is not overwritten silently; a failed write leaves the old folder intact.
   with pytest.raises(FileExistsError):
-    cv.save_vae(vae, cfg, out)
+    vae_ckpt.save_vae(vae, cfg, out)
   rc, message = run_cli(["convert-vae", "--diffusers-dir", str(folder), "--out", str(out)])
   assert rc != 0 and "exists" in message, message
   assert sorted(p.name for p in tmp_path.iterdir()) == ["flax_vae"]
-  cv.save_vae(vae2, cfg2, out, overwrite=True)  # explicit overwrite replaces it, leaving no temp folders
+  vae_ckpt.save_vae(vae2, cfg2, out, overwrite=True)  # explicit overwrite replaces it, leaving no temp folders
   assert sorted(p.name for p in tmp_path.iterdir()) == ["flax_vae"]
-  assert cv.load_vae(out)[0] == cfg
+  assert vae_ckpt.load_vae(out)[0] == cfg
 
 
 def test_failed_save_leaves_nothing(standard, tmp_path, monkeypatch):
@@ -254,9 +256,9 @@ def test_failed_save_leaves_nothing(standard, tmp_path, monkeypatch):
 
   def boom(*a, **k):
     raise OSError("disk full")
-  monkeypatch.setattr(cv.safetensors.flax, "save", boom)
+  monkeypatch.setattr(vae_ckpt.safetensors.flax, "save", boom)
   with pytest.raises(OSError, match="disk full"):
-    cv.save_vae(vae, cfg, tmp_path / "out")
+    vae_ckpt.save_vae(vae, cfg, tmp_path / "out")
   assert list(tmp_path.iterdir()) == []
 
 

@@ -21,7 +21,8 @@ def run(args) -> int:
   import jax
   import numpy as np
   from flax import nnx
-  from lmfusion_jax.convert.diffusers_vae import load_diffusers_vae, save_vae
+  from lmfusion_jax.checkpoints.vae import save_vae
+  from lmfusion_jax.convert.diffusers_vae import load_diffusers_vae
   cfg, vae = load_diffusers_vae(args.diffusers_dir)
   out = save_vae(vae, cfg, args.out, overwrite=args.overwrite)
   n = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(nnx.state(vae, nnx.Param)))

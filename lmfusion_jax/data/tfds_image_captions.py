@@ -128,7 +128,7 @@ class LmfusionImageCaptions(tfds.core.GeneratorBasedBuilder):
 
   def _vae(self):
     if self._vae_cache is None:
-      from lmfusion_jax.convert.diffusers_vae import load_vae
+      from lmfusion_jax.checkpoints.vae import load_vae
       self._vae_cache = load_vae(self.builder_config.vae_dir)
     return self._vae_cache
 
