@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from lmfusion_jax import sharding  # noqa: E402
 from lmfusion_jax.planning import flops as flops_lib
-from lmfusion_jax.planning import plan
+from lmfusion_jax.planning import topology
 from lmfusion_jax.models import attention as attn_lib  # noqa: E402
 from lmfusion_jax.models.mask import TokenInfo  # noqa: E402
 
@@ -48,7 +48,7 @@ def main(argv=None) -> int:
   p.add_argument("--rows-per-chip", type=int, default=4)
   p.add_argument("--seq", type=int, default=4096)
   a = p.parse_args(argv)
-  devices = plan.topology_devices(plan.parse_topology(a.topology))
+  devices = topology.topology_devices(topology.parse_topology(a.topology))
   mesh = sharding.make_mesh(1, len(devices), 1, devices=devices)
   peak = flops_lib.peak_flops_per_device(devices[0].device_kind)
   model = 12 * a.rows_per_chip * 32 * a.seq ** 2 * 128

@@ -69,8 +69,8 @@ def _f(x, fmt):
 
 
 def checked(r: dict) -> dict:
-  """Applies plan.cost_inconsistency to a result (also to results cached before the check existed)."""
-  from lmfusion_jax.planning.plan import cost_inconsistency
+  """Applies cost.cost_inconsistency to a result (also to results cached before the check existed)."""
+  from lmfusion_jax.planning.cost import cost_inconsistency
   warning = r.get("cost_warning") or cost_inconsistency(r["compiled_flops_per_step"], r["model_flops"]["required"])
   if warning:
     r = {**r, "cost_warning": warning, "step_time_s": None, "tokens_per_s": None, "mfu_6nd_attn": None,

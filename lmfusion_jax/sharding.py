@@ -47,22 +47,29 @@ def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1,
   Axes are `AxisType.Auto` (GSPMD propagation), explicitly: jax.make_mesh defaults to explicit axes.
   """
   devices = list(jax.devices() if devices is None else devices)
-  sizes = [data, fsdp, tensor]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
-  known = int(np.prod([s for s in sizes if s != -1]))
-  if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"mesh: {len(devices)} devices are not divisible by data*fsdp*tensor={known}")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh: data*fsdp*tensor = {sizes} uses {int(np.prod(sizes))} devices, "
-                     f"but {len(devices)} are available")
+  sizes = mesh_sizes(data, fsdp, tensor, len(devices))
   try:
     dev_array = jax.experimental.mesh_utils.create_device_mesh(sizes, devices=devices)
   except Exception:  # non-TPU or unusual topologies: plain row-major order
     dev_array = np.asarray(devices).reshape(sizes)
   return Mesh(dev_array, MESH_AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def mesh_sizes(data: int, fsdp: int, tensor: int, n_devices: int) -> list:
+  """[data, fsdp, tensor] with one -1 resolved to the remaining devices; raises ValueError when the sizes do not
+  use exactly `n_devices` devices."""
+  sizes = [data, fsdp, tensor]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if -1 in sizes:
+    if n_devices % known:
+      raise ValueError(f"mesh: {n_devices} devices are not divisible by data*fsdp*tensor={known}")
+    sizes[sizes.index(-1)] = n_devices // known
+  if int(np.prod(sizes)) != n_devices:
+    raise ValueError(f"mesh: data*fsdp*tensor = {sizes} uses {int(np.prod(sizes))} devices, "
+                     f"but {n_devices} are available")
+  return sizes
 
 
 def mesh_from_config(mesh_cfg) -> Mesh:

@@ -140,7 +140,7 @@ def test_restore_on_other_meshes(converted, tmp_path):
       assert leaf.sharding == s
       np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref))
   with pytest.raises(params_io.CheckpointError, match="already exists"):
-    params_io.save_params(tmp_path / "resaved", sharded, cfg)
+    params_io.save_params(tmp_path / "resaved", on8, cfg)
 
 
 def test_image_branch_is_initialized_from_text(hf_fp32, tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from lmfusion_jax import cli
 from lmfusion_jax.planning import flops as flops_lib
-from lmfusion_jax.planning import plan
+from lmfusion_jax.planning import cost, topology
 from lmfusion_jax.run_config import apply_overrides, load_config
 from lmfusion_jax.run_config import model_configs
 
@@ -41,24 +41,24 @@ def run_cli(argv):
 @pytest.mark.parametrize("name", sorted(DOCUMENTED))
 def test_topology_names_match_documented_slices(name):
   chips, grid = DOCUMENTED[name]
-  topo = plan.parse_topology(name)
+  topo = topology.parse_topology(name)
   assert topo.chips == chips and topo.chip_grid == grid
 
 
 def test_topology_details_and_libtpu_devices():
-  t = plan.parse_topology("v5p-128")
+  t = topology.parse_topology("v5p-128")
   assert t.libtpu_topology == "v5:4x4x4" and t.wrap == (True, True, True) and t.hbm_bytes == 95 * 2 ** 30
-  assert plan.parse_topology("v5p-64").wrap == (False, False, False)
-  assert plan.parse_topology("v5e-256").wrap == (True, True, False)
-  assert plan.parse_topology("v5p:4x4x12").chips == 192
-  assert [plan.parse_topology(n).hbm_bytes // 2 ** 30 for n in ("v4-8", "v5e-8", "v6e-8")] == [32, 16, 32]
+  assert topology.parse_topology("v5p-64").wrap == (False, False, False)
+  assert topology.parse_topology("v5e-256").wrap == (True, True, False)
+  assert topology.parse_topology("v5p:4x4x12").chips == 192
+  assert [topology.parse_topology(n).hbm_bytes // 2 ** 30 for n in ("v4-8", "v5e-8", "v6e-8")] == [32, 16, 32]
   # libtpu's compile-only devices: one per chip (megacore on v4/v5p), of the right kind.
   for name, kind in (("v4-16", "TPU v4"), ("v5p-16", "TPU v5"), ("v5e-8", "TPU v5 lite"),
                      ("v6e-8", "TPU v6 lite")):
-    topo = plan.parse_topology(name)
-    devices = plan.topology_devices(topo)
+    topo = topology.parse_topology(name)
+    devices = topology.topology_devices(topo)
     assert len(devices) == topo.chips and devices[0].device_kind == kind
-  two = plan.topology_devices(plan.parse_topology("v5e-8"), num_slices=2)
+  two = topology.topology_devices(topology.parse_topology("v5e-8"), num_slices=2)
   assert len(two) == 16 and {d.slice_index for d in two} == {0, 1}
 
 
@@ -66,22 +66,22 @@ def test_topology_details_and_libtpu_devices():
                                         ("v5e-12", "not a standard"), ("tpu-128", "expected e.g."),
                                         ("v5e:2x2x2", "2-D")])
 def test_bad_topology_names(name, words):
-  with pytest.raises(plan.PlanError, match=words):
-    plan.parse_topology(name)
+  with pytest.raises(topology.PlanError, match=words):
+    topology.parse_topology(name)
 
 
 def test_mesh_over_slices_and_bad_meshes():
   tiny = lambda *overrides: apply_overrides(load_config("configs/tiny.py"), overrides)
-  devices = plan.topology_devices(plan.parse_topology("v5e-8"), num_slices=2)
-  mesh = plan.make_plan_mesh(tiny("--config.mesh.data=2").mesh, devices, num_slices=2)
+  devices = topology.topology_devices(topology.parse_topology("v5e-8"), num_slices=2)
+  mesh = topology.make_plan_mesh(tiny("--config.mesh.data=2").mesh, devices, num_slices=2)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 8, "tensor": 1}
   # each data row of the mesh is one slice: data parallelism crosses DCN, fsdp stays inside a slice
   for row in mesh.devices.reshape(2, -1):
     assert len({d.slice_index for d in row}) == 1
-  with pytest.raises(plan.PlanError, match="multiple of the slice count"):
-    plan.make_plan_mesh(tiny().mesh, devices, num_slices=2)
-  with pytest.raises(plan.PlanError, match="needs 24 devices"):
-    plan.make_plan_mesh(tiny("--config.mesh.fsdp=3", "--config.mesh.tensor=8").mesh, devices[:8])
+  with pytest.raises(topology.PlanError, match="multiple of the slice count"):
+    topology.make_plan_mesh(tiny().mesh, devices, num_slices=2)
+  with pytest.raises(topology.PlanError, match="needs 24 devices"):
+    topology.make_plan_mesh(tiny("--config.mesh.fsdp=3", "--config.mesh.tensor=8").mesh, devices[:8])
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +128,9 @@ def test_scaled_cost_matches_unrolled_compile(matmul_plan):
   """Per-layer extrapolation from 2- and 3-layer compiles reproduces the 4-layer unrolled compile: FLOPs
   exactly (every layer is the same program), the compiler's time estimate closely."""
   cfg = apply_overrides(load_config("configs/tiny.py"), MATMUL_MODEL + ["--config.model.scan_layers=true"])
-  devices = plan.topology_devices(plan.parse_topology("v5e-8"))
-  mesh = plan.make_plan_mesh(cfg.mesh, devices)
-  scaled = plan.step_cost(cfg, mesh, "scaled")
+  devices = topology.topology_devices(topology.parse_topology("v5e-8"))
+  mesh = topology.make_plan_mesh(cfg.mesh, devices)
+  scaled = cost.step_cost(cfg, mesh, "scaled")
   unrolled_total = matmul_plan["compiled_flops_per_step"]
   assert scaled["flops"] * 8 == pytest.approx(unrolled_total, rel=0.01)
   assert scaled["optimal_seconds"] == pytest.approx(matmul_plan["step_time_s"], rel=0.1)
@@ -170,9 +170,9 @@ def test_plan_with_the_flash_kernel_counts_its_cost(matmul_plan):
 
 def test_cost_below_the_required_flops_is_flagged():
   """A step cannot compute less than the analytic lower bound: such cost figures are flagged, not reported."""
-  assert plan.cost_inconsistency(3.6e16, 4.2e16).startswith("cost figures inconsistent")
-  assert plan.cost_inconsistency(5.6e16, 4.2e16) == ""
-  assert plan.cost_inconsistency(None, 4.2e16) == ""
+  assert cost.cost_inconsistency(3.6e16, 4.2e16).startswith("cost figures inconsistent")
+  assert cost.cost_inconsistency(5.6e16, 4.2e16) == ""
+  assert cost.cost_inconsistency(None, 4.2e16) == ""
 
 
 def _fsdp_conv_grad(mesh, batch, hw, channels):
@@ -199,18 +199,18 @@ def test_cost_compiles_count_every_windowed_einsum_step():
   import jax.numpy as jnp
   import numpy as np
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  devices = plan.topology_devices(plan.parse_topology("v5p-16"))          # 8 chips
+  devices = topology.topology_devices(topology.parse_topology("v5p-16"))          # 8 chips
   mesh = Mesh(np.array(devices), ("fsdp",))
   batch, hw, channels = 64, 16, 768
   lowered = _fsdp_conv_grad(mesh, batch, hw, channels)
   # forward, input gradient and weight gradient: each one multiply-add per (output pixel, in-bounds tap,
   # in channel, out channel); a 3-tap SAME window over n pixels has 3n - 2 in-bounds taps.
   expected = 3 * 2 * (batch // len(devices)) * (3 * hw - 2) ** 2 * channels * channels
-  default = plan._cost(lowered.compile())
-  counted = plan._cost(lowered.compile(compiler_options=plan.COST_COMPILER_OPTIONS))
+  default = cost._cost(lowered.compile())
+  counted = cost._cost(lowered.compile(compiler_options=cost.COST_COMPILER_OPTIONS))
   assert default["windowed_einsum_loops"] > 0 and default["flops"] < 0.8 * expected, (default, expected)
   assert counted["windowed_einsum_loops"] == 0 and abs(counted["flops"] / expected - 1) < 0.01, (counted, expected)
-  warning = plan.cost_inconsistency(default["flops"], 0.0, windowed_einsum_loops=default["windowed_einsum_loops"])
+  warning = cost.cost_inconsistency(default["flops"], 0.0, windowed_einsum_loops=default["windowed_einsum_loops"])
   assert warning.startswith("cost figures unreliable")
 
   def scanned(w, x):                                                      # 16 steps of [8,128] @ [128,128]
@@ -219,4 +219,4 @@ def test_cost_compiles_count_every_windowed_einsum_step():
   scan_compiled = jax.jit(scanned).lower(jax.ShapeDtypeStruct((16, 128, 128), jnp.float32, sharding=rep),
                                          jax.ShapeDtypeStruct((8, 128), jnp.float32, sharding=rep)).compile()
   assert " while(" in scan_compiled.as_text()
-  assert plan._cost(scan_compiled)["windowed_einsum_loops"] == 0
+  assert cost._cost(scan_compiled)["windowed_einsum_loops"] == 0

@@ -36,6 +36,7 @@ and no step time or MFU."""
 
 def run(args) -> int:
   from lmfusion_jax.planning import plan as plan_lib
+  from lmfusion_jax.planning import report as report_lib
   from lmfusion_jax.run_config import apply_overrides, load_config
   cfg = apply_overrides(load_config(args.config), args.overrides)
   report = plan_lib.plan(cfg, args.topology, num_slices=args.num_slices, cost_mode=args.cost,
@@ -43,8 +44,8 @@ def run(args) -> int:
   if args.json:
     print(json.dumps(report.to_dict(), sort_keys=True))
   else:
-    print(plan_lib.format_report(report))
+    print(report_lib.format_report(report))
   if not report.fits:
-    print(f"lmfusion-jax plan: {plan_lib.not_fit_message(report)}", file=sys.stderr)
+    print(f"lmfusion-jax plan: {report_lib.not_fit_message(report)}", file=sys.stderr)
     return 1
   return 0

@@ -18,53 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmfusion_jax.models.config import FusionConfig, LlamaConfig
-from lmfusion_jax.models.params import param, zeros
-
-
-def _fan_in_normal(rngs, shape, fan_in, dtype):
-  return (jax.random.normal(rngs.params(), shape, jnp.float32) / math.sqrt(fan_in)).astype(dtype)
-
-
-class Dense(nnx.Module):
-  def __init__(self, d_in, d_out, names, dtype, *, rngs, zero_init=False):
-    w = zeros((d_in, d_out), dtype) if zero_init else _fan_in_normal(rngs, (d_in, d_out), d_in, dtype)
-    self.kernel = param(w, names)
-    self.bias = param(zeros((d_out,), dtype), (names[1],))
-
-  def __call__(self, x):
-    return jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype)) + self.bias[...].astype(x.dtype)
-
-
-class Conv(nnx.Module):
-  """2-D convolution, NHWC, 'SAME' padding; stride 2 halves H and W."""
-
-  def __init__(self, c_in, c_out, dtype, *, rngs, kernel=3, stride=1, zero_init=False):
-    shape = (kernel, kernel, c_in, c_out)
-    w = zeros(shape, dtype) if zero_init else _fan_in_normal(rngs, shape, kernel * kernel * c_in, dtype)
-    self.kernel = param(w, ("conv_h", "conv_w", "conv_in", "conv_out"))
-    self.bias = param(zeros((c_out,), dtype), ("conv_out",))
-    self.stride = stride
-
-  def __call__(self, x):
-    y = jax.lax.conv_general_dilated(x, self.kernel[...].astype(x.dtype), (self.stride, self.stride),
-                                     "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + self.bias[...].astype(x.dtype)
-
-
-class GroupNorm(nnx.Module):
-  def __init__(self, channels, groups, dtype):
-    g = math.gcd(groups, channels)
-    self.groups = g
-    self.scale = param(jnp.ones((channels,), dtype), ("norm",))
-    self.bias = param(zeros((channels,), dtype), ("norm",))
-
-  def __call__(self, x):
-    n, h, w, c = x.shape
-    xf = x.astype(jnp.float32).reshape(n, h, w, self.groups, c // self.groups)
-    mean = xf.mean(axis=(1, 2, 4), keepdims=True)
-    var = xf.var(axis=(1, 2, 4), keepdims=True)
-    xf = ((xf - mean) * jax.lax.rsqrt(var + 1e-6)).reshape(n, h, w, c)
-    return (xf * self.scale[...] + self.bias[...]).astype(x.dtype)
+from lmfusion_jax.models.nn import Conv, Dense, GroupNorm
 
 
 def timestep_embedding(t: jax.Array, dim: int, max_period: float = 10000.0) -> jax.Array:
@@ -138,7 +92,7 @@ class UNetIO(nnx.Module):
     self.up = nnx.List(up)
     self.upsample = nnx.List(upsample)
     self.out_norm = GroupNorm(c, g, dtype)
-    self.conv_out = Conv(c, fcfg.latent_channels, dtype, rngs=rngs, zero_init=True)
+    self.conv_out = Conv(c, fcfg.latent_channels, dtype, rngs=rngs, init="zeros")
 
   def encode(self, latents, t, dtype):
     """latents [n, H, W, C], t [n] -> (tokens [n, h*w, embed], skips, temb)."""
@@ -181,7 +135,7 @@ class LinearIO(nnx.Module):
     self.time_embed = TimeEmbedding(fcfg.time_embed_dim, dtype, rngs=rngs)
     self.time_to_embed = Dense(fcfg.time_embed_dim, lcfg.dim, ("time", "embed"), dtype, rngs=rngs)
     self.patchify = Dense(pdim, lcfg.dim, ("patch", "embed"), dtype, rngs=rngs)
-    self.unpatchify = Dense(lcfg.dim, pdim, ("embed", "patch"), dtype, rngs=rngs, zero_init=True)
+    self.unpatchify = Dense(lcfg.dim, pdim, ("embed", "patch"), dtype, rngs=rngs, init="zeros")
 
   def encode(self, latents, t, dtype):
     n, hh, ww, c = latents.shape

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lmfusion_jax.models.config import DTYPES, ConfigError
-from lmfusion_jax.models.params import normal, ones, param, zeros
+from lmfusion_jax.models.nn import Conv, Dense, GroupNorm
 
 GROUPNORM_EPS = 1e-6     # diffusers uses 1e-6 for every GroupNorm of the VAE
 LOGVAR_CLAMP = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamps logvar to this range
@@ -88,61 +88,28 @@ class VAEConfig:
 
 # --- layers ------------------------------------------------------------------------------------------
 
-class Conv2d(nnx.Module):
-  """k x k convolution, NHWC, kernel HWIO [k, k, in, out]."""
-
-  def __init__(self, cin: int, cout: int, k: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
-    dtype = DTYPES[cfg.param_dtype]
-    self.kernel = param(normal(rngs, (k, k, cin, cout), dtype), ("conv_h", "conv_w", "conv_in", "conv_out"))
-    self.bias = param(zeros((cout,), dtype), ("conv_out",))
-
-  def __call__(self, x: jax.Array, stride: int = 1, padding="SAME") -> jax.Array:
-    k = self.kernel[...].astype(x.dtype)
-    y = jax.lax.conv_general_dilated(x, k, (stride, stride), padding,
-                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return y + self.bias[...].astype(x.dtype)
+def _conv(cin: int, cout: int, k: int, cfg: VAEConfig, *, rngs: nnx.Rngs) -> Conv:
+  return Conv(cin, cout, DTYPES[cfg.param_dtype], rngs=rngs, kernel=k, init="normal")
 
 
-class Linear(nnx.Module):
+def _linear(cin: int, cout: int, cfg: VAEConfig, *, rngs: nnx.Rngs) -> Dense:
   """Dense layer over the last axis, kernel [in, out] (the mid-block attention projections)."""
-
-  def __init__(self, cin: int, cout: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
-    dtype = DTYPES[cfg.param_dtype]
-    self.kernel = param(normal(rngs, (cin, cout), dtype), ("conv_in", "conv_out"))
-    self.bias = param(zeros((cout,), dtype), ("conv_out",))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return jnp.einsum("...i,io->...o", x, self.kernel[...].astype(x.dtype)) + self.bias[...].astype(x.dtype)
+  return Dense(cin, cout, ("conv_in", "conv_out"), DTYPES[cfg.param_dtype], rngs=rngs, init="normal")
 
 
-class GroupNorm(nnx.Module):
-  """torch.nn.GroupNorm on NHWC (statistics over H, W and the channels of a group), in fp32."""
-
-  def __init__(self, channels: int, cfg: VAEConfig):
-    dtype = DTYPES[cfg.param_dtype]
-    self.groups = cfg.norm_num_groups
-    self.scale = param(ones((channels,), dtype), ("norm",))
-    self.bias = param(zeros((channels,), dtype), ("norm",))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    b, h, w, c = x.shape
-    xf = x.astype(jnp.float32).reshape(b, h, w, self.groups, c // self.groups)
-    mean = jnp.mean(xf, axis=(1, 2, 4), keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=(1, 2, 4), keepdims=True)
-    xf = ((xf - mean) * jax.lax.rsqrt(var + GROUPNORM_EPS)).reshape(b, h, w, c)
-    y = xf * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
-    return y.astype(x.dtype)
+def _group_norm(channels: int, cfg: VAEConfig) -> GroupNorm:
+  return GroupNorm(channels, cfg.norm_num_groups, DTYPES[cfg.param_dtype], GROUPNORM_EPS)
 
 
 class ResnetBlock2D(nnx.Module):
   """GroupNorm, SiLU, conv3x3, GroupNorm, SiLU, conv3x3, plus a 1x1 shortcut conv when channels change."""
 
   def __init__(self, cin: int, cout: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
-    self.norm1 = GroupNorm(cin, cfg)
-    self.conv1 = Conv2d(cin, cout, 3, cfg, rngs=rngs)
-    self.norm2 = GroupNorm(cout, cfg)
-    self.conv2 = Conv2d(cout, cout, 3, cfg, rngs=rngs)
-    self.conv_shortcut = Conv2d(cin, cout, 1, cfg, rngs=rngs) if cin != cout else None
+    self.norm1 = _group_norm(cin, cfg)
+    self.conv1 = _conv(cin, cout, 3, cfg, rngs=rngs)
+    self.norm2 = _group_norm(cout, cfg)
+    self.conv2 = _conv(cout, cout, 3, cfg, rngs=rngs)
+    self.conv_shortcut = _conv(cin, cout, 1, cfg, rngs=rngs) if cin != cout else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
     h = self.conv1(jax.nn.silu(self.norm1(x)))
@@ -155,7 +122,7 @@ class Downsample2D(nnx.Module):
   """diffusers' Downsample2D with padding=0: zero-pad right/bottom by one, then a stride-2 3x3 conv."""
 
   def __init__(self, channels: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
-    self.conv = Conv2d(channels, channels, 3, cfg, rngs=rngs)
+    self.conv = _conv(channels, channels, 3, cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [b, h, w, c] -> [b, h/2, w/2, c]
     return self.conv(x, stride=2, padding=((0, 1), (0, 1)))
@@ -165,7 +132,7 @@ class Upsample2D(nnx.Module):
   """Nearest-neighbour 2x upsampling, then a 3x3 conv."""
 
   def __init__(self, channels: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
-    self.conv = Conv2d(channels, channels, 3, cfg, rngs=rngs)
+    self.conv = _conv(channels, channels, 3, cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [b, h, w, c] -> [b, 2h, 2w, c]
     x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
@@ -176,11 +143,11 @@ class SpatialSelfAttention(nnx.Module):
   """Single-head self-attention over all H*W positions, with a GroupNorm in front and a residual."""
 
   def __init__(self, channels: int, cfg: VAEConfig, *, rngs: nnx.Rngs):
-    self.group_norm = GroupNorm(channels, cfg)
-    self.to_q = Linear(channels, channels, cfg, rngs=rngs)
-    self.to_k = Linear(channels, channels, cfg, rngs=rngs)
-    self.to_v = Linear(channels, channels, cfg, rngs=rngs)
-    self.to_out = Linear(channels, channels, cfg, rngs=rngs)
+    self.group_norm = _group_norm(channels, cfg)
+    self.to_q = _linear(channels, channels, cfg, rngs=rngs)
+    self.to_k = _linear(channels, channels, cfg, rngs=rngs)
+    self.to_v = _linear(channels, channels, cfg, rngs=rngs)
+    self.to_out = _linear(channels, channels, cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape
@@ -240,13 +207,13 @@ class UpBlock(nnx.Module):
 class Encoder(nnx.Module):
   def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
     ch = cfg.block_out_channels
-    self.conv_in = Conv2d(cfg.in_channels, ch[0], 3, cfg, rngs=rngs)
+    self.conv_in = _conv(cfg.in_channels, ch[0], 3, cfg, rngs=rngs)
     self.down_blocks = nnx.List([
         DownBlock(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, i < len(ch) - 1, cfg, rngs=rngs)
         for i in range(len(ch))])
     self.mid_block = MidBlock(ch[-1], cfg, rngs=rngs)
-    self.conv_norm_out = GroupNorm(ch[-1], cfg)
-    self.conv_out = Conv2d(ch[-1], 2 * cfg.latent_channels, 3, cfg, rngs=rngs)
+    self.conv_norm_out = _group_norm(ch[-1], cfg)
+    self.conv_out = _conv(ch[-1], 2 * cfg.latent_channels, 3, cfg, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:  # [b, H, W, in] -> [b, H/f, W/f, 2*latent]
     x = self.conv_in(x)
@@ -259,13 +226,13 @@ class Encoder(nnx.Module):
 class Decoder(nnx.Module):
   def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
     rev = tuple(reversed(cfg.block_out_channels))
-    self.conv_in = Conv2d(cfg.latent_channels, rev[0], 3, cfg, rngs=rngs)
+    self.conv_in = _conv(cfg.latent_channels, rev[0], 3, cfg, rngs=rngs)
     self.mid_block = MidBlock(rev[0], cfg, rngs=rngs)
     self.up_blocks = nnx.List([
         UpBlock(rev[max(i - 1, 0)], rev[i], cfg.layers_per_block + 1, i < len(rev) - 1, cfg, rngs=rngs)
         for i in range(len(rev))])
-    self.conv_norm_out = GroupNorm(rev[-1], cfg)
-    self.conv_out = Conv2d(rev[-1], cfg.out_channels, 3, cfg, rngs=rngs)
+    self.conv_norm_out = _group_norm(rev[-1], cfg)
+    self.conv_out = _conv(rev[-1], cfg.out_channels, 3, cfg, rngs=rngs)
 
   def __call__(self, z: jax.Array) -> jax.Array:  # [b, h, w, latent] -> [b, h*f, w*f, out]
     x = self.conv_in(z)
@@ -283,8 +250,8 @@ class AutoencoderKL(nnx.Module):
     c = cfg.latent_channels
     self.encoder = Encoder(cfg, rngs=rngs)
     self.decoder = Decoder(cfg, rngs=rngs)
-    self.quant_conv = Conv2d(2 * c, 2 * c, 1, cfg, rngs=rngs) if cfg.use_quant_conv else None
-    self.post_quant_conv = Conv2d(c, c, 1, cfg, rngs=rngs) if cfg.use_post_quant_conv else None
+    self.quant_conv = _conv(2 * c, 2 * c, 1, cfg, rngs=rngs) if cfg.use_quant_conv else None
+    self.post_quant_conv = _conv(c, c, 1, cfg, rngs=rngs) if cfg.use_post_quant_conv else None
 
 
 # --- public functions ----------------------------------------------------------------------------------

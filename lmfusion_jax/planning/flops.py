@@ -1,4 +1,6 @@
-"""Analytic FLOPs of LMFusion forward and train steps (for MFU and for checking compiled cost analyses).
+"""FLOP conventions in one place: analytic FLOPs of LMFusion train steps (for MFU and for checking compiled cost
+analyses), the image in/out modules' FLOPs, the two model-FLOPs conventions the plan reports, and the chips'
+peak FLOP/s.
 
 Matmul FLOPs are 2 x (weights a token passes through). Each token passes through ONE modality's weights.
 Training: forward (2x) + activation gradients (2x) for every token + weight gradients (2x) only for weights
@@ -7,7 +9,12 @@ that are trainable. Attention (QK^T and PV over the whole packed row, as the XLA
 """
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
 from lmfusion_jax.models.config import FusionConfig, LlamaConfig
+from lmfusion_jax.models.image_io import make_image_io
 from lmfusion_jax.models.decoder import IMAGE_LAYER_KEYS
 
 
@@ -58,3 +65,39 @@ def peak_flops_per_device(device_kind: str, override: float = 0.0) -> float:
     if device_kind.startswith(k):
       return PEAK_FLOPS[k]
   return 0.0
+
+
+def image_io_flops_per_image(lcfg: LlamaConfig, fcfg: FusionConfig) -> float:
+  """Forward FLOPs of the image in/out modules (U-Net down + up, or linear patchify) for one image, from
+  XLA's cost analysis of the lowered module (CPU, nothing allocated)."""
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: make_image_io(lcfg, fcfg, rngs=nnx.Rngs(0))))
+  dtype = lcfg.jnp_dtype
+
+  def fwd(state, latents, t):
+    io = nnx.merge(graphdef, state)
+    tokens, skips, temb = io.encode(latents, t, dtype)
+    return io.decode(tokens, skips, temb)
+
+  lat = jax.ShapeDtypeStruct((1, fcfg.latent_size, fcfg.latent_size, fcfg.latent_channels), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.int32)
+  with jax.default_device(jax.local_devices(backend="cpu")[0]):
+    ca = jax.jit(fwd).lower(state, lat, t).cost_analysis()
+  if isinstance(ca, (list, tuple)):
+    ca = ca[0]
+  return float((ca or {}).get("flops", 0.0))
+
+
+def model_flops(lcfg: LlamaConfig, fcfg: FusionConfig, data_cfg, text_trainable: bool,
+                io_flops_per_image: float = 0.0) -> dict:
+  """Model FLOPs of one step under both conventions (see the module docstring)."""
+  b, t, i = int(data_cfg.global_batch_size), int(data_cfg.text_len), int(data_cfg.image_slots)
+  n_img = i * fcfg.tokens_per_image
+  required = train_step_flops(lcfg, fcfg, b, t, i, text_trainable, io_flops_per_image)
+  w_layer = per_token_layer_weights(lcfg)
+  active_text = lcfg.n_layers * w_layer + lcfg.dim * lcfg.vocab_size   # layers + LM head
+  active_image = lcfg.n_layers * w_layer
+  six_nd = 6 * b * (active_text * t + active_image * n_img)
+  six_nd_attn = six_nd + required["attention"] + 3 * b * i * io_flops_per_image
+  return {"required": float(required["total"]), "six_nd": float(six_nd), "six_nd_attn": float(six_nd_attn),
+          "attention": float(required["attention"]), "active_params_text_token": active_text,
+          "active_params_image_token": active_image}

@@ -1,0 +1,58 @@
+"""The plan as text: `format_report(PlanReport)` and the does-not-fit message."""
+from __future__ import annotations
+
+from lmfusion_jax.planning.plan import PlanReport
+from lmfusion_jax.planning.topology import GIB
+
+
+def _gib(x: float) -> str:
+  return f"{x / GIB:.2f} GiB" if abs(x) >= 0.1 * GIB else f"{x / 2 ** 20:.1f} MiB"
+
+
+def _pct(x) -> str:
+  return "n/a" if x is None else f"{x:.1%}"
+
+
+def format_report(r: PlanReport) -> str:
+  m = r.memory
+  lines = [
+      f"plan: {r.topology} ({r.libtpu_topology}) x {r.num_slices} slice(s) = {r.chips} chips [{r.device_kind}], "
+      f"mesh {r.mesh}",
+      f"  batch: {r.global_batch} sequences, {r.tokens_per_step:,} tokens per step",
+      f"  HBM per chip: need {_gib(r.hbm_need_bytes)} of {_gib(r.hbm_capacity_bytes)} "
+      f"({r.hbm_need_bytes / r.hbm_capacity_bytes:.0%}) -> {'fits' if r.fits else 'DOES NOT FIT'}",
+      f"    arguments {_gib(m['argument'])} + outputs {_gib(m['output'])} - aliased {_gib(m['alias'])} "
+      f"+ temporaries {_gib(m['temp'])} + code {_gib(m['generated_code'])}",
+      f"    parameters {_gib(r.param_bytes_per_device)}, optimizer state {_gib(r.opt_state_bytes_per_device)}"
+      f" per chip",
+  ]
+  if r.compiler_message:
+    lines.append(f"    (the TPU compiler refused the program: {r.compiler_message})")
+  if r.cost_warning:
+    lines.append(f"  WARNING: {r.cost_warning}")
+  mf = r.model_flops
+  if r.compiled_flops_per_step is not None:
+    lines.append(f"  FLOPs per step: compiled {r.compiled_flops_per_step:.4g} ({r.cost_source}); model "
+                 f"6ND+attn {mf['six_nd_attn']:.4g}, required {mf['required']:.4g} "
+                 f"(attention {mf['attention']:.4g})")
+  if r.step_time_s:
+    lines.append(f"  step time (compiler estimate): {r.step_time_s:.3f} s -> {r.tokens_per_s:,.0f} tokens/s, "
+                 f"{r.tokens_per_s / r.chips:,.0f} tokens/s/chip")
+    if r.per_layer_seconds:
+      layers = r.per_layer_seconds * r.n_layers
+      lines.append(f"    of which the {r.n_layers} layers {layers:.3f} s ({r.per_layer_seconds * 1e3:.1f} ms each); the "
+                   f"rest (embedding, LM head, loss, image in/out, optimizer) {r.step_time_s - layers:.3f} s")
+    lines.append(f"  MFU estimate: {_pct(r.mfu_6nd_attn)} (6ND+attn), {_pct(r.mfu_required)} (required FLOPs);"
+                 f" hardware FLOPs utilization {_pct(r.hardware_flops_utilization)} "
+                 f"(peak {r.peak_flops_per_chip / 1e12:.0f} TFLOP/s per chip)")
+  elif r.fits and not r.cost_warning:
+    lines.append("  step time: the compiler gave no estimate for this target")
+  return "\n".join(lines)
+
+
+def not_fit_message(r: PlanReport) -> str:
+  return (f"does not fit: the step needs {_gib(r.hbm_need_bytes)} of HBM per chip but a {r.topology} chip "
+          f"has {_gib(r.hbm_capacity_bytes)} (temporaries {_gib(r.memory['temp'])}, parameters "
+          f"{_gib(r.param_bytes_per_device)}, optimizer state {_gib(r.opt_state_bytes_per_device)}). "
+          f"Lower data.global_batch_size (or raise optim.accum_steps), use model.remat_policy=full, shard "
+          f"more (mesh.fsdp / mesh.tensor), or take a larger slice.")
