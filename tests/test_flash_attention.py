@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from lmfusion_jax import sharding
 from lmfusion_jax.models import attention as A
 from lmfusion_jax.models.flash_attention import flash_attention
+from lmfusion_jax.models.inputs import ImageInputs, TextInputs
 from lmfusion_jax.models.mask import TokenInfo
 
 
@@ -154,7 +155,7 @@ def test_lmfusion_model_with_flash_equals_xla():
     graphdef, state = nnx.split(model)
 
     def loss(state):
-      logits, eps, _ = nnx.merge(graphdef, state)(tok, pos, seg, lat, ts, ipos, iseg)
+      logits, eps, _ = nnx.merge(graphdef, state)(TextInputs(tok, pos, seg), ImageInputs(lat, ts, ipos, iseg))
       return jnp.sum(jax.nn.log_softmax(logits)[..., 7]) + jnp.sum(eps ** 2), (logits, eps)
     outs[impl] = jax.jit(jax.value_and_grad(loss, has_aux=True))(state)
   (l_x, (lg_x, eps_x)), g_x = outs["xla"]

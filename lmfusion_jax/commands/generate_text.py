@@ -11,8 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 
-from etils import epath
 
+from lmfusion_jax.data.tokenizer import TokenizerError, load_tokenizer
 from lmfusion_jax.inference import text as generate
 from lmfusion_jax.models import sharded
 from lmfusion_jax.checkpoints import params as params_io
@@ -38,20 +38,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
 
 
-def load_tokenizer(path):
-  import transformers
-  p = epath.Path(path)
-  if not p.is_dir():
-    raise ConfigError(f"--tokenizer {p}: not a directory (expected a local Hugging Face tokenizer folder)")
-  try:
-    return transformers.AutoTokenizer.from_pretrained(str(p), local_files_only=True)
-  except (OSError, ValueError) as e:
-    raise ConfigError(f"--tokenizer {p}: cannot load a tokenizer: {e}") from e
-
-
 def run(args) -> int:
   cfg, _ = params_io.read_model_config(args.checkpoint)
-  tok = load_tokenizer(args.tokenizer)
+  try:
+    tok = load_tokenizer(args.tokenizer)
+  except TokenizerError as e:
+    raise ConfigError(f"--tokenizer {args.tokenizer}: {e}") from e
   if args.dtype:
     cfg = cfg.replace(param_dtype=args.dtype, dtype=args.dtype)
   text = params_io.load_params(args.checkpoint, subtree="text", dtype=args.dtype)

@@ -19,7 +19,6 @@ import dataclasses
 import json
 import math
 import os
-import uuid
 from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import ml_dtypes
@@ -27,6 +26,7 @@ import numpy as np
 from etils import epath
 from safetensors import safe_open
 
+from lmfusion_jax.checkpoints.files import write_dir
 from lmfusion_jax.models.config import LlamaConfig
 from lmfusion_jax.models.llama import layer_param_shapes
 
@@ -415,9 +415,8 @@ def write_hf_checkpoint(out_dir, cfg: LlamaConfig, get_leaf: Callable[[str], np.
   shards = plan_shards(cfg, dtype, max_shard_bytes)
   names = ([SINGLE_FILE] if len(shards) == 1 else
            [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-  tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-  tmp.mkdir(parents=True)
-  try:
+
+  def fill(tmp):
     tensors = iter_hf_tensors(cfg, get_leaf, dtype)
     for fname, entries in zip(names, shards):
       writer = SafetensorsStreamWriter(tmp / fname, entries, dtype)
@@ -435,15 +434,5 @@ def write_hf_checkpoint(out_dir, cfg: LlamaConfig, get_leaf: Callable[[str], np.
     (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype), indent=2))
     gen = {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "do_sample": False}
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-    if out.exists():
-      out.rmtree()
-    tmp.rename(out)
-  except BaseException:
-    _rmtree(tmp)
-    raise
-  return out
 
-
-def _rmtree(path: epath.Path) -> None:
-  if path.exists():
-    path.rmtree()
+  return write_dir(out, fill, overwrite)

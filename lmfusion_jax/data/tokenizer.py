@@ -9,9 +9,9 @@ tokenizer folder and for the tiny ones trained here for tests and demos.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from typing import Iterable
+
+from lmfusion_jax.checkpoints.files import write_dir
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"
@@ -52,17 +52,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, out_dir: str):
                                  extra_special_tokens=[BOI, EOI])
 
   out_dir = os.path.abspath(os.fspath(out_dir))
-  parent = os.path.dirname(out_dir)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=".tmp-tokenizer-", dir=parent)
-  try:
-    fast.save_pretrained(tmp)
-    if os.path.exists(out_dir):
-      shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
-  finally:
-    if os.path.exists(tmp):
-      shutil.rmtree(tmp)
+  write_dir(out_dir, lambda tmp: fast.save_pretrained(os.fspath(tmp)), overwrite=True)
   return AutoTokenizer.from_pretrained(out_dir)
 
 
@@ -70,8 +60,12 @@ def load_tokenizer(tokenizer_dir: str):
   """Loads an HF tokenizer folder (a real Llama-3 one or one written by `train_tokenizer`)."""
   from transformers import AutoTokenizer
   if not os.path.isdir(os.fspath(tokenizer_dir)):
-    raise TokenizerError(f"tokenizer folder {tokenizer_dir!r} does not exist")
-  return AutoTokenizer.from_pretrained(os.fspath(tokenizer_dir))
+    raise TokenizerError(f"tokenizer folder {tokenizer_dir!r} does not exist (expected a local Hugging Face "
+                         f"tokenizer folder)")
+  try:
+    return AutoTokenizer.from_pretrained(os.fspath(tokenizer_dir), local_files_only=True)
+  except (OSError, ValueError) as e:
+    raise TokenizerError(f"tokenizer folder {tokenizer_dir!r}: cannot load a tokenizer: {e}") from e
 
 
 def special_ids(tokenizer) -> dict:

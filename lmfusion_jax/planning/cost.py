@@ -1,7 +1,6 @@
 """Cost figures of a train step from the TPU compiler: lowering and compiling the REAL train step
 (`training.step.jit_train_step`) from shapes only, and reading its cost analysis.
 
-  memory  from the run's own compile (scanned layers are fine for memory).
   cost    a scanned loop body is counted ONCE, so cost figures come from unrolled compiles: either the full
           unrolled model (cost_mode="unrolled", exact, slow for 8B) or the model unrolled at 2
           and 3 layers and extrapolated linearly, c(L) = c(2) + (L - 2) * (c(3) - c(2)) (cost_mode="scaled",
@@ -15,6 +14,7 @@
           every FLOP counted; the time estimate is then that of the program without windowed einsums (the
           cost model cannot price their loop; the real program keeps them where the compiler judges them
           faster). A cost compile that still holds such a loop is flagged (cost_warning; no step time or
+          MFU reported), and so are cost figures under the analytic FLOPs the step must compute.
 """
 from __future__ import annotations
 

@@ -5,28 +5,15 @@ run's mesh; the train state and batch are ShapeDtypeStructs (nothing is allocate
 lowered and compiled (planning.cost). The compiled program reports per-device memory (`memory_analysis`) and
 cost (`cost_analysis`: flops, "optimal_seconds"). planning.report prints the result.
 
-
+How the compiler's figures are read:
   memory  from the run's own compile (scanned layers are fine for memory).
-  cost    a scanned loop body is counted ONCE, so cost figures come from unrolled compiles: either the full
-          unrolled model (cost_mode="unrolled", exact, slow for 8B) or the model unrolled at 2
-          and 3 layers and extrapolated linearly, c(L) = c(2) + (L - 2) * (c(3) - c(2)) (cost_mode="scaled",
-          fast; every layer is the same program, so FLOPs are exact and the time estimate close; shown to
-          agree in tests and benchmarks/plan_table.py).
-          The compiler makes loops of its own that are counted once too: at large per-chip activations the
-          SPMD partitioner turns FSDP matmuls and convolutions into windowed einsums ("collective matmuls",
-          a loop that rotates weight shards, up to #devices trips; seen at 8 rows of 4096 tokens per v5p
-          chip, where they hid ~1/3 of the step's FLOPs). Cost compiles are therefore built with windowed
-          einsums off (COST_COMPILER_OPTIONS): the same math as plain all-gather / reduce-scatter + matmul,
-          every FLOP counted; the time estimate is then that of the program without windowed einsums (the
-          cost model cannot price their loop; the real program keeps them where the compiler judges them
-          faster). A cost compile that still holds such a loop is flagged (cost_warning; no step time or
-          MFU reported), and so are cost figures under the analytic FLOPs the step must compute.
+  cost    from unrolled compiles with windowed einsums off (see planning.cost).
   MFU     model FLOPs / (step time x peak FLOP/s x chips), with the step time = the compiler's estimate.
           Two model-FLOPs conventions are reported:
             "6ND+attn": 6 x active params x tokens + attention (the usual convention; every token counted as
                         if all its weights were trained),
-            "required": what the step must compute (lmfusion_jax.planning.flops: 4x weights for tokens whose weights
-                        are frozen, 6x for trained ones, + attention + U-Net), never more than 6ND+attn.
+            "required": what the step must compute (planning.flops: 4x weights for tokens whose weights are
+                        frozen, 6x for trained ones, + attention + U-Net), never more than 6ND+attn.
           Attention is counted over the full S x S score matrix, as the XLA reference kernel computes it.
 """
 from __future__ import annotations
