@@ -62,16 +62,17 @@ class AnalyticEps(nnx.Module):
   """
 
   def __init__(self, inner: LMFusion, cond_pattern, uncond_pattern, mix: float):
-    self.inner, self.lcfg, self.fcfg = inner, inner.lcfg, inner.fcfg
+    self.inner, self.text, self.lcfg, self.fcfg = inner, inner.text, inner.lcfg, inner.fcfg
     self.abar = nnx.Variable(diffusion.make_schedule(DCFG).alphas_cumprod)
     self.cond, self.uncond = nnx.Variable(jnp.asarray(cond_pattern)), nnx.Variable(jnp.asarray(uncond_pattern))
     self.mix = nnx.Variable(jnp.float32(mix))
 
-  def __call__(self, tokens, text_positions, text_segment_ids, noisy_latents, timesteps, image_positions,
-               image_segment_ids, cache=None):
-    logits, eps_model, kv = self.inner(tokens, text_positions, text_segment_ids, noisy_latents, timesteps,
-                                       image_positions, image_segment_ids, cache=cache)
-    pos = image_positions[:, :, None, None, None].astype(jnp.float32)
+  def __call__(self, text, image=None, cache=None):
+    logits, eps_model, kv = self.inner(text, image, cache=cache)
+    if image is None:
+      return logits, eps_model, kv
+    noisy_latents, timesteps = image.latents, image.timesteps
+    pos = image.positions[:, :, None, None, None].astype(jnp.float32)
     target = jnp.where(pos == 2, self.uncond[...], pos / 10.0 * self.cond[...])
     abar = self.abar[...][timesteps][:, :, None, None, None]
     eps = (noisy_latents - jnp.sqrt(abar) * target) / jnp.sqrt(1.0 - abar)
