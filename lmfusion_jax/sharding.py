@@ -67,7 +67,7 @@ def mesh_sizes(data: int, fsdp: int, tensor: int, n_devices: int) -> list:
       raise ValueError(f"mesh: {n_devices} devices are not divisible by data*fsdp*tensor={known}")
     sizes[sizes.index(-1)] = n_devices // known
   if int(np.prod(sizes)) != n_devices:
-    raise ValueError(f"mesh: data*fsdp*tensor = {sizes} uses {int(np.prod(sizes))} devices, "
+    raise ValueError(f"mesh: data*fsdp*tensor = {sizes} needs {int(np.prod(sizes))} devices, "
                      f"but {n_devices} are available")
   return sizes
 
