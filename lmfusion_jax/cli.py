@@ -8,7 +8,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-import traceback
+
+from lmfusion_jax.errors import UserError
 
 # name -> (module, one-line help)
 COMMANDS = {
@@ -29,10 +30,6 @@ COMMANDS = {
     "plan": ("lmfusion_jax.commands.plan",
              "compile the train step for a TPU topology on this host: HBM fit, FLOPs, step time, MFU"),
 }
-
-
-class UserError(Exception):
-  """An error caused by the user's input; printed without a traceback, exit code 2."""
 
 
 def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
@@ -65,12 +62,9 @@ def main(argv=None) -> int:
   args.overrides = extra
   try:
     return int(module.run(args) or 0)
-  except (UserError, ValueError, FileNotFoundError, FileExistsError) as e:
-    # Our input errors (ConfigError, BatchError, ConversionError, ... : ValueError subclasses defined in
-    # lmfusion_jax) are the user's to fix: the message alone. A ValueError raised anywhere else may be a bug
-    # (ours or a library's): the message plus the traceback, so it is never mistaken for bad input.
-    if isinstance(e, ValueError) and not type(e).__module__.startswith("lmfusion_jax"):
-      traceback.print_exc(file=sys.stderr)
+  except UserError as e:
+    # The user's to fix (lmfusion_jax.errors): the message alone. Anything else is a bug (ours or a
+    # library's) and propagates with its traceback (exit 1), so it is never mistaken for bad input.
     print(f"lmfusion-jax {args.command}: error: {e}", file=sys.stderr)
     return 2
 

@@ -17,6 +17,7 @@ respaced beta_k = 1 - abar / abar_prev and the posterior variance beta_tilde_k f
 the predicted x0.
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 import dataclasses
 import math
@@ -47,15 +48,15 @@ class DiffusionConfig:
 
   def __post_init__(self):
     if self.num_timesteps < 1:
-      raise ValueError(f"diffusion.num_timesteps={self.num_timesteps}: must be >= 1")
+      raise UserError(f"diffusion.num_timesteps={self.num_timesteps}: must be >= 1")
     if self.schedule not in SCHEDULES:
-      raise ValueError(f"diffusion.schedule={self.schedule!r}: expected one of {SCHEDULES}")
+      raise UserError(f"diffusion.schedule={self.schedule!r}: expected one of {SCHEDULES}")
     if self.prediction not in PREDICTIONS:
-      raise ValueError(f"diffusion.prediction={self.prediction!r}: expected one of {PREDICTIONS}")
+      raise UserError(f"diffusion.prediction={self.prediction!r}: expected one of {PREDICTIONS}")
     if not 0.0 < self.max_beta < 1.0:
-      raise ValueError(f"diffusion.max_beta={self.max_beta}: must be in (0, 1)")
+      raise UserError(f"diffusion.max_beta={self.max_beta}: must be in (0, 1)")
     if self.image_first_max_t is not None and not 0 <= self.image_first_max_t < self.num_timesteps:
-      raise ValueError(f"diffusion.image_first_max_t={self.image_first_max_t}: must be None or in "
+      raise UserError(f"diffusion.image_first_max_t={self.image_first_max_t}: must be None or in "
                        f"[0, num_timesteps={self.num_timesteps})")
 
 
@@ -176,7 +177,7 @@ def sampling_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
   As improved-DDPM `space_timesteps(T, [K])`: round(linspace(0, T-1, K)); K = 1 gives [T-1].
   """
   if not 1 <= num_steps <= num_timesteps:
-    raise ValueError(f"num_steps={num_steps}: must be in [1, num_timesteps={num_timesteps}]")
+    raise UserError(f"num_steps={num_steps}: must be in [1, num_timesteps={num_timesteps}]")
   if num_steps == 1:
     return np.array([num_timesteps - 1], np.int32)
   return np.round(np.linspace(0, num_timesteps - 1, num_steps)).astype(np.int32)
@@ -185,9 +186,9 @@ def sampling_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
 def _check_timesteps(timesteps: Sequence[int], num_timesteps: int) -> np.ndarray:
   ts = np.asarray(timesteps)
   if ts.ndim != 1 or ts.size == 0 or not np.issubdtype(ts.dtype, np.integer):
-    raise ValueError(f"timesteps must be a non-empty 1-D integer sequence, got {timesteps!r}")
+    raise UserError(f"timesteps must be a non-empty 1-D integer sequence, got {timesteps!r}")
   if ts[0] < 0 or ts[-1] >= num_timesteps or np.any(np.diff(ts) <= 0):
-    raise ValueError(f"timesteps must be strictly increasing within [0, {num_timesteps}), got {ts.tolist()}")
+    raise UserError(f"timesteps must be strictly increasing within [0, {num_timesteps}), got {ts.tolist()}")
   return ts.astype(np.int32)
 
 

@@ -9,6 +9,7 @@ Sections: model (LlamaConfig fields + `preset`/`hf_config`), fusion (FusionConfi
 distributed.
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 import ast
 import dataclasses
@@ -73,7 +74,7 @@ def model_configs(cfg) -> tuple[LlamaConfig, FusionConfig, DiffusionConfig]:
 CONFIG_DIR = pathlib.Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigLoadError(ValueError):
+class ConfigLoadError(UserError):
   pass
 
 

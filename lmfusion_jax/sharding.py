@@ -4,6 +4,7 @@ Every parameter carries logical axis names (`out_sharding` metadata on its nnx.P
 table maps them to mesh axes. Activations are constrained with the same names.
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 from typing import Optional, Sequence
 
@@ -60,14 +61,14 @@ def mesh_sizes(data: int, fsdp: int, tensor: int, n_devices: int) -> list:
   use exactly `n_devices` devices."""
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1:
-    raise ValueError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
+    raise UserError(f"mesh: at most one of data/fsdp/tensor may be -1, got {sizes}")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if n_devices % known:
-      raise ValueError(f"mesh: {n_devices} devices are not divisible by data*fsdp*tensor={known}")
+      raise UserError(f"mesh: {n_devices} devices are not divisible by data*fsdp*tensor={known}")
     sizes[sizes.index(-1)] = n_devices // known
   if int(np.prod(sizes)) != n_devices:
-    raise ValueError(f"mesh: data*fsdp*tensor = {sizes} needs {int(np.prod(sizes))} devices, "
+    raise UserError(f"mesh: data*fsdp*tensor = {sizes} needs {int(np.prod(sizes))} devices, "
                      f"but {n_devices} are available")
   return sizes
 

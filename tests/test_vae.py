@@ -13,7 +13,7 @@ from diffusers import AutoencoderKL as TorchAutoencoderKL
 from flax import nnx
 
 from lmfusion_jax.checkpoints import vae as vae_ckpt
-from lmfusion_jax.checkpoints.files import CheckpointError
+from lmfusion_jax.checkpoints.files import CheckpointError, OutputExistsError
 from lmfusion_jax.convert import diffusers_vae as cv
 from lmfusion_jax.models import vae as V
 from lmfusion_jax.models.config import ConfigError
@@ -241,7 +241,7 @@ def test_flax_checkpoint_round_trip_is_bitwise(standard, tmp_path):
     assert a.dtype == b.dtype and a.tobytes() == b.tobytes(), k
     assert flat1[k].get_metadata().get("out_sharding") == flat2[k].get_metadata().get("out_sharding")
   # An existing output is not overwritten silently; a failed write leaves the old folder intact.
-  with pytest.raises(FileExistsError):
+  with pytest.raises(OutputExistsError):
     vae_ckpt.save_vae(vae, cfg, out)
   rc, message = run_cli(["convert-vae", "--diffusers-dir", str(folder), "--out", str(out)])
   assert rc != 0 and "exists" in message, message

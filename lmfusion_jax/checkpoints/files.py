@@ -5,6 +5,7 @@ its target; a folder is filled under a temporary sibling name and renamed into p
 temporary is removed and a replaced folder put back. Paths are `etils.epath` paths (local or gs://).
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 import json
 import uuid
@@ -13,9 +14,13 @@ from typing import Callable
 from etils import epath
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
   """A checkpoint (params, training, VAE) is missing, incomplete or does not match what it is read as; the
   message names the path and the file, field or tensor at fault."""
+
+
+class OutputExistsError(UserError):
+  """An output path exists and the caller did not ask to replace it."""
 
 
 def _tmp_sibling(path: epath.Path, kind: str) -> epath.Path:
@@ -50,7 +55,7 @@ def write_dir(out_dir, fill: Callable[[epath.Path], None], overwrite: bool = Fal
   existing `out_dir` (only replaced with `overwrite`) is put back."""
   out_dir = epath.Path(out_dir)
   if out_dir.exists() and not overwrite:
-    raise FileExistsError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
+    raise OutputExistsError(f"{out_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
   out_dir.parent.mkdir(parents=True, exist_ok=True)
   tmp, old = _tmp_sibling(out_dir, "tmp"), _tmp_sibling(out_dir, "old")
   try:

@@ -14,6 +14,7 @@ for a single `model.safetensors`, a set of shards with `model.safetensors.index.
 `*.safetensors` files. Only safetensors and JSON are ever read (never pickle).
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 import dataclasses
 import json
@@ -40,7 +41,7 @@ NUMPY_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.
 SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
 
 
-class ConversionError(ValueError):
+class ConversionError(UserError):
   """A checkpoint cannot be converted; the message names the file, tensor or field at fault."""
 
 

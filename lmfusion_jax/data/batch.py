@@ -24,6 +24,7 @@ A document is laid out (positions increasing) as
 with the caption dropped (empty) for classifier-free guidance training.
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 import jax
 from typing import Any, Dict, Iterator, Sequence, Tuple
@@ -38,7 +39,7 @@ IMAGE_KEYS = ("latents", "image_positions", "image_segment_ids", "image_first")
 KEYS = TEXT_KEYS + IMAGE_KEYS
 
 
-class BatchError(ValueError):
+class BatchError(UserError):
   """A batch violates the packed-batch contract; the message names the field."""
 
 

@@ -42,6 +42,7 @@ Data config (`config.data`, an ml_collections ConfigDict; defaults in `default_d
   synthetic_num_records / synthetic_channels   the synthetic source's size and latent channels
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 from typing import Iterator, Optional
 
@@ -59,7 +60,7 @@ from lmfusion_jax.data.tokenizer import CaptionEncoder, special_ids
 DATASETS = ("digits", "image_captions", "synthetic")
 
 
-class DataConfigError(ValueError):
+class DataConfigError(UserError):
   """The data config is inconsistent; the message names the field."""
 
 

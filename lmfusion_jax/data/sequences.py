@@ -19,6 +19,7 @@ text with probability `caption_dropout`) come from `example_rng(seed, example_in
 (record x epoch) gets the same draws however the data is sharded over processes or workers.
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 import dataclasses
 from typing import Callable, Optional, Union
@@ -31,7 +32,7 @@ ORDERS = ("random", "caption_first", "image_first")
 SKIP_REASONS = ("latent_shape", "latent_nonfinite", "empty_caption", "too_long")
 
 
-class BadRecordError(ValueError):
+class BadRecordError(UserError):
   """A record cannot become a document; the message names the record id and the reason."""
 
 

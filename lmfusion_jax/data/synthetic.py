@@ -4,6 +4,7 @@ Record i is a pure function of (seed, split, i): latent ~ N(0, 1) of shape [size
 a caption of 1..max_words words from a small fixed word list. Random access, picklable (Grain source).
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 import numpy as np
 
@@ -19,9 +20,9 @@ class SyntheticSource:
   def __init__(self, num_records: int = 4096, image_size: int = 32, channels: int = 4, seed: int = 0,
                split: str = "train", max_words: int = 12):
     if split not in _SPLIT_SALT:
-      raise ValueError(f"synthetic source: unknown split {split!r} (have {sorted(_SPLIT_SALT)})")
+      raise UserError(f"synthetic source: unknown split {split!r} (have {sorted(_SPLIT_SALT)})")
     if num_records < 1 or max_words < 1:
-      raise ValueError(f"synthetic source: num_records={num_records}, max_words={max_words} must be >= 1")
+      raise UserError(f"synthetic source: num_records={num_records}, max_words={max_words} must be >= 1")
     self.num_records, self.image_size, self.channels = num_records, image_size, channels
     self.seed, self.split, self.max_words = seed, split, max_words
 

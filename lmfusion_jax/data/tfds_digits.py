@@ -9,6 +9,7 @@ from numpy's PCG64 with seed 0; its first 30 indices go to `test` (300 records),
 a generator seeded with the record index. Written as ArrayRecord without TensorFlow.
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -72,7 +73,7 @@ def split_indices(labels: np.ndarray) -> tuple:
 def to_latent(image: np.ndarray, image_size: int) -> np.ndarray:
   """[8, 8] pixels in 0..16 -> float32 [S, S, 1] in [-1, 1], upsampled by pixel repetition."""
   if image_size not in IMAGE_SIZES:
-    raise ValueError(f"digits: image_size={image_size} not in {IMAGE_SIZES}")
+    raise UserError(f"digits: image_size={image_size} not in {IMAGE_SIZES}")
   x = np.asarray(image, np.float32) / 8.0 - 1.0
   r = image_size // 8
   x = np.repeat(np.repeat(x, r, axis=0), r, axis=1)
@@ -124,5 +125,5 @@ class LmfusionDigits(tfds.core.GeneratorBasedBuilder):
 
 def digits_builder(data_dir: str, image_size: int = 8) -> LmfusionDigits:
   if image_size not in IMAGE_SIZES:
-    raise ValueError(f"digits: image_size={image_size} not in {IMAGE_SIZES}")
+    raise UserError(f"digits: image_size={image_size} not in {IMAGE_SIZES}")
   return LmfusionDigits(data_dir=str(data_dir), config=f"size{image_size}", file_format="array_record")

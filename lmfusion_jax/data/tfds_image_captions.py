@@ -14,6 +14,7 @@ The builder config is named "res{image_size}" unless `config_name` is given; the
 dataset are fingerprinted, and rebuilding the same name with different options is an error.
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 import csv
 import hashlib
@@ -32,11 +33,11 @@ VERSION = "1.0.0"
 ON_BAD_IMAGE = ("error", "skip")
 
 
-class BadImageError(ValueError):
+class BadImageError(UserError):
   """An image could not be read or decoded; the message names the file."""
 
 
-class CaptionsFileError(ValueError):
+class CaptionsFileError(UserError):
   """The captions file is missing or malformed; the message names the file and line."""
 
 
@@ -137,7 +138,7 @@ class LmfusionImageCaptions(tfds.core.GeneratorBasedBuilder):
     f = cfg.downsample_factor
     size = self.builder_config.image_size
     if size % f:
-      raise ValueError(f"image_size={size} is not divisible by the VAE's downsample factor {f}")
+      raise UserError(f"image_size={size} is not divisible by the VAE's downsample factor {f}")
     return (size // f, size // f, cfg.latent_channels)
 
   def _info(self) -> tfds.core.DatasetInfo:
@@ -155,7 +156,7 @@ class LmfusionImageCaptions(tfds.core.GeneratorBasedBuilder):
     entries = read_captions(self.builder_config.source_dir)
     n_test = self.builder_config.test_size
     if not 0 <= n_test < len(entries):
-      raise ValueError(f"test_size={n_test} must be in [0, {len(entries)}) for {len(entries)} images")
+      raise UserError(f"test_size={n_test} must be in [0, {len(entries)}) for {len(entries)} images")
     order = np.random.default_rng(0).permutation(len(entries))
     test = set(order[:n_test].tolist())
     splits = {"train": self._generate_examples([e for i, e in enumerate(entries) if i not in test])}
@@ -211,16 +212,16 @@ def build_image_captions(data_dir, *, source_dir, vae_dir, image_size: int = 256
   (choose another `config_name` or data_dir).
   """
   if on_bad_image not in ON_BAD_IMAGE:
-    raise ValueError(f"on_bad_image={on_bad_image!r} not in {ON_BAD_IMAGE}")
+    raise UserError(f"on_bad_image={on_bad_image!r} not in {ON_BAD_IMAGE}")
   if batch_size < 1:
-    raise ValueError(f"batch_size={batch_size} must be >= 1")
+    raise UserError(f"batch_size={batch_size} must be >= 1")
   name = config_name or f"res{image_size}"
   fingerprint = _fingerprint(source_dir, vae_dir, image_size, on_bad_image, test_size)
   existing = _dataset_dir(data_dir, name)
   if (existing / "dataset_info.json").exists():
     stored = image_captions_reader(data_dir, name).info.metadata.get("fingerprint")
     if stored != fingerprint:
-      raise ValueError(f"{existing} was built from other inputs (fingerprint {stored}, now {fingerprint}); "
+      raise UserError(f"{existing} was built from other inputs (fingerprint {stored}, now {fingerprint}); "
                        f"use another config_name or data_dir, or delete it")
     return image_captions_reader(data_dir, name)
   config = ImageCaptionsConfig(name=name, source_dir=os.fspath(source_dir), vae_dir=os.fspath(vae_dir),

@@ -7,6 +7,7 @@ ids, so `special_ids` looks every one of them up BY NAME: the same code works fo
 tokenizer folder and for the tiny ones trained here for tests and demos.
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 import os
 from typing import Iterable
@@ -21,7 +22,7 @@ PAD = "<|finetune_right_pad_id|>"  # Llama-3.1's padding token
 SPECIAL_TOKENS = (BOS, EOS, BOI, EOI, PAD)
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError):
   """A tokenizer lacks a token the model needs; the message names the token."""
 
 

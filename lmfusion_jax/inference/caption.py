@@ -10,6 +10,7 @@ the whole sequence for every new token (the reference the tests compare against)
   caption_images(model, tokenizer, latents, ...) -> caption strings (batched)
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 import functools
 from typing import List, Optional, Sequence
@@ -28,7 +29,7 @@ def check_latents(latents, fcfg) -> jax.Array:
   x = jnp.asarray(latents, jnp.float32)
   want = latent_shape(fcfg)
   if x.ndim != 4 or tuple(x.shape[1:]) != want:
-    raise ValueError(f"latents have shape {tuple(x.shape)}, the model expects [N, {', '.join(map(str, want))}]")
+    raise UserError(f"latents have shape {tuple(x.shape)}, the model expects [N, {', '.join(map(str, want))}]")
   return x
 
 
@@ -72,13 +73,13 @@ def caption_latents(model, latents, max_new_tokens: int = 32, *, use_cache: bool
   `eos_ids=None` stops at the model's EOS id. All rows run in one batch.
   """
   if max_new_tokens < 1:
-    raise ValueError(f"caption: max_new_tokens={max_new_tokens} must be >= 1")
+    raise UserError(f"caption: max_new_tokens={max_new_tokens} must be >= 1")
   lcfg, fcfg = model.lcfg, model.fcfg
   latents = check_latents(latents, fcfg)
   eos = [lcfg.eos_id] if eos_ids is None else list(eos_ids)
   prefix_len = 3 + fcfg.tokens_per_image
   if prefix_len + max_new_tokens > lcfg.max_seq_len:
-    raise ValueError(f"caption: image prefix ({prefix_len}) + max_new_tokens ({max_new_tokens}) exceeds "
+    raise UserError(f"caption: image prefix ({prefix_len}) + max_new_tokens ({max_new_tokens}) exceeds "
                      f"max_seq_len={lcfg.max_seq_len}")
   if not use_cache:
     return trim_at_eos(_recompute_greedy(model, latents, max_new_tokens, eos, pad_id), eos)

@@ -15,6 +15,7 @@ and runs N rows only).
   generate_images(model, prompts, diffusion_cfg, ...) -> latents float32 [N, H, W, C]
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 import functools
 from typing import Optional, Sequence
@@ -71,11 +72,11 @@ def generate_images(model, prompts: Sequence[Sequence[int]], diffusion_cfg, *, n
   predicted clean latent (1.0 suits pixel-space data in [-1, 1]; None for VAE latents).
   """
   if not prompts:
-    raise ValueError("generate_images: no prompts")
+    raise UserError("generate_images: no prompts")
   check_sampler(sampler, num_steps, diffusion_cfg, eta)
   lcfg, fcfg = model.lcfg, model.fcfg
   if fcfg.boi_id < 0 or lcfg.bos_id < 0:
-    raise ValueError(f"generate_images: the model config has no BOS/BOI ids (bos_id={lcfg.bos_id}, "
+    raise UserError(f"generate_images: the model config has no BOS/BOI ids (bos_id={lcfg.bos_id}, "
                      f"boi_id={fcfg.boi_id})")
   rows = prefixes(prompts, lcfg.bos_id, fcfg.boi_id)
   g = guided(cfg_scale)
@@ -83,7 +84,7 @@ def generate_images(model, prompts: Sequence[Sequence[int]], diffusion_cfg, *, n
     rows = rows + prefixes([[]] * len(prompts), lcfg.bos_id, fcfg.boi_id)
   longest = max(len(r) for r in rows) + fcfg.tokens_per_image
   if longest > lcfg.max_seq_len:
-    raise ValueError(f"generate_images: prompt + image need {longest} positions > model.max_seq_len="
+    raise UserError(f"generate_images: prompt + image need {longest} positions > model.max_seq_len="
                      f"{lcfg.max_seq_len}")
   tokens, segs, pos, image_pos = prefix_arrays(rows, pad_id)
   if not use_cache:

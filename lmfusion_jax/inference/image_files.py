@@ -5,6 +5,7 @@ the digits), upscaling, contact sheets, and PNG files (written atomically throug
   write_png / contact_sheet / write_samples
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 import io
 import os
@@ -25,9 +26,9 @@ def to_float_images(latents, vae=None) -> np.ndarray:
     x = jit_decode_latents(vae)(x)
   x = np.asarray(x, np.float32)
   if x.ndim != 4:
-    raise ValueError(f"latents must be [N, H, W, C], got shape {x.shape}")
+    raise UserError(f"latents must be [N, H, W, C], got shape {x.shape}")
   if not np.all(np.isfinite(x)):
-    raise ValueError("decoded images contain NaN or Inf")
+    raise UserError("decoded images contain NaN or Inf")
   return np.clip(x, -1.0, 1.0)
 
 
@@ -98,9 +99,9 @@ def load_image(path: str, size: int, channels: int) -> np.ndarray:
     img = Image.open(path)
     img.load()
   except Exception as e:  # PIL raises several types for unreadable files
-    raise ValueError(f"--image {path}: cannot read the image ({type(e).__name__}: {e})") from e
+    raise UserError(f"--image {path}: cannot read the image ({type(e).__name__}: {e})") from e
   if channels not in (1, 3):
-    raise ValueError(f"--image {path}: the model has {channels} image channels; only 1 (grey) or 3 (RGB) "
+    raise UserError(f"--image {path}: the model has {channels} image channels; only 1 (grey) or 3 (RGB) "
                      f"can be read from an image file")
   img = img.convert("L" if channels == 1 else "RGB")
   if img.size != (size, size):

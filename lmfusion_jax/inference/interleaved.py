@@ -5,6 +5,7 @@ continues, until EOS or the token budget. Every step goes through inference.samp
   generate_interleaved(model, prompt_ids, diffusion_cfg, ...) -> [("text", ids) | ("image", latent), ...]
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 from typing import Optional, Sequence
 
@@ -29,11 +30,11 @@ def generate_interleaved(model, prompt_ids: Sequence[int], diffusion_cfg, *, max
   lcfg, fcfg = model.lcfg, model.fcfg
   prompt = [int(t) for t in prompt_ids]
   if not prompt:
-    raise ValueError("generate_interleaved: empty prompt (it should at least hold BOS)")
+    raise UserError("generate_interleaved: empty prompt (it should at least hold BOS)")
   p = fcfg.tokens_per_image
   cache_len = len(prompt) + max_new_tokens + max_images * (p + 1)
   if cache_len > lcfg.max_seq_len:
-    raise ValueError(f"generate_interleaved: prompt + {max_new_tokens} tokens + {max_images} images need "
+    raise UserError(f"generate_interleaved: prompt + {max_new_tokens} tokens + {max_images} images need "
                      f"{cache_len} positions > max_seq_len={lcfg.max_seq_len}")
   s = Sampler(model)
   logits, cache = s.prefill([prompt], cache_len=cache_len)

@@ -17,6 +17,7 @@ module (`nnx.split`), cached per Sampler; the text decode loop is a `lax.while_l
 has produced an end-of-sequence token.
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 import functools
 from typing import List, Optional, Sequence, Tuple
@@ -40,7 +41,7 @@ SAMPLERS = ("ddpm", "ddim")
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int = 0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Prompts -> tokens, segment_ids, positions, each int32 [batch, max_len], padded on the left."""
   if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("generate: every prompt needs at least one token")
+    raise UserError("generate: every prompt needs at least one token")
   n = max(len(p) for p in prompts)
   tokens = np.full((len(prompts), n), pad_id, np.int32)
   segs = np.zeros((len(prompts), n), np.int32)
@@ -83,13 +84,13 @@ def guided(cfg_scale: float) -> bool:
 
 def check_sampler(sampler: str, num_steps: int, dcfg, eta: float) -> None:
   if sampler not in SAMPLERS:
-    raise ValueError(f"sampler={sampler!r}: expected one of {SAMPLERS}")
+    raise UserError(f"sampler={sampler!r}: expected one of {SAMPLERS}")
   if not 1 <= num_steps <= dcfg.num_timesteps:
-    raise ValueError(f"num_steps={num_steps}: must be in [1, num_timesteps={dcfg.num_timesteps}]")
+    raise UserError(f"num_steps={num_steps}: must be in [1, num_timesteps={dcfg.num_timesteps}]")
   if sampler == "ddpm" and eta != 0.0:
-    raise ValueError("eta applies to the ddim sampler only")
+    raise UserError("eta applies to the ddim sampler only")
   if not 0.0 <= eta <= 1.0:
-    raise ValueError(f"eta={eta}: must be in [0, 1]")
+    raise UserError(f"eta={eta}: must be in [0, 1]")
 
 
 def stack_rows(a: decoder.KVCache, b: decoder.KVCache) -> decoder.KVCache:
@@ -247,7 +248,7 @@ class Sampler:
 
   def _need_fusion(self, what: str):
     if not self.is_fusion:
-      raise ValueError(f"{what} needs an LMFusion model (this is a text-only Llama)")
+      raise UserError(f"{what} needs an LMFusion model (this is a text-only Llama)")
     return self._fusion
 
   def prefill(self, prompts: Sequence[Sequence[int]], cache_len: int, pad_id: int = 0):

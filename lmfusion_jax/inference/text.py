@@ -6,6 +6,7 @@
 weights are used).
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 from typing import List, Optional, Sequence
 
@@ -21,15 +22,15 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
   `eos_ids=None` uses the model config's eos_id, `()` never stops early.
   """
   if max_new_tokens < 1:
-    raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
+    raise UserError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
   if temperature < 0 or not 0 < top_p <= 1:
-    raise ValueError(f"generate: need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
+    raise UserError(f"generate: need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
   sampler = Sampler(model)
   cfg = sampler.lcfg
   eos = [cfg.eos_id] if eos_ids is None else list(eos_ids)
   p = max((len(x) for x in prompts), default=0)
   if p + max_new_tokens > cfg.max_seq_len:
-    raise ValueError(f"generate: prompt ({p}) + max_new_tokens ({max_new_tokens}) exceeds "
+    raise UserError(f"generate: prompt ({p}) + max_new_tokens ({max_new_tokens}) exceeds "
                      f"max_seq_len={cfg.max_seq_len}")
   logits, cache = sampler.prefill(prompts, cache_len=p + max_new_tokens, pad_id=pad_id)
   out = sampler.decode(logits, cache, [len(x) for x in prompts], p, max_new_tokens, eos_ids=eos, pad_id=pad_id,

@@ -6,6 +6,7 @@ TPU flash kernel (models/flash_attention.py: the mask is built per tile, never m
 the same signature; `model.attention_impl` picks one.
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 import jax
 import jax.numpy as jnp
@@ -57,5 +58,5 @@ def register_attention(name: str, fn) -> None:
 def dot_product_attention(q, k, v, q_info: TokenInfo, k_info: TokenInfo, implementation: str = "xla"):
   """The one attention entry point used by every layer (model.attention_impl picks the implementation)."""
   if implementation not in _IMPLEMENTATIONS:
-    raise ValueError(f"attention implementation {implementation!r} unknown (have {sorted(_IMPLEMENTATIONS)})")
+    raise UserError(f"attention implementation {implementation!r} unknown (have {sorted(_IMPLEMENTATIONS)})")
   return _IMPLEMENTATIONS[implementation](q, k, v, q_info, k_info)

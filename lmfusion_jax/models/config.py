@@ -5,6 +5,7 @@
 Run-level knobs live in ml_collections configs under configs/; `from_config_dict` builds these from them.
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 import dataclasses
 import json
@@ -20,7 +21,7 @@ ATTENTION_IMPLS = ("xla", "flash", "flash_interpret")
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
   """A configuration field has an unusable value; the message names the field."""
 
 

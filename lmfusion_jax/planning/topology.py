@@ -6,6 +6,7 @@ v5e-N (gcloud: v5litepod-N) and v6e-N count chips (1 core each). An explicit chi
 "v5p:4x4x12", "v5e:8x16".
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 import dataclasses
 import os
@@ -20,7 +21,7 @@ from lmfusion_jax import sharding
 GIB = 2 ** 30
 
 
-class PlanError(ValueError):
+class PlanError(UserError):
   """The topology or the run config cannot be planned; the message says what to change."""
 
 

@@ -5,6 +5,7 @@ machines they come from config.distributed.* or the env vars LMFUSION_COORDINATO
 LMFUSION_PROCESS_ID (what launch/local_multihost.sh sets). CPU multi-process runs use gloo collectives.
 """
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 import os
 
@@ -32,7 +33,7 @@ def initialize(dist_cfg) -> None:
   on_tpu_vm = bool(os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("TPU_ACCELERATOR_TYPE"))
   if n > 1:
     if not addr or pid < 0:
-      raise ValueError("distributed: num_processes > 1 needs coordinator_address and process_id "
+      raise UserError("distributed: num_processes > 1 needs coordinator_address and process_id "
                        "(config.distributed.* or LMFUSION_COORDINATOR / LMFUSION_PROCESS_ID)")
     if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
       jax.config.update("jax_cpu_collectives_implementation", "gloo")

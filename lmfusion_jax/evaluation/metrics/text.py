@@ -1,5 +1,6 @@
 """Caption accuracy for class-labelled images (the digits demo): does the caption name the right class?"""
 from __future__ import annotations
+from lmfusion_jax.errors import UserError
 
 from typing import Sequence
 
@@ -16,7 +17,7 @@ def _mention_table(label_words: Sequence[str | Sequence[str]]) -> dict[str, int]
     names = [t for w in names for t in tokenize(w)] + [str(label)]
     for name in names:
       if table.get(name, label) != label:
-        raise ValueError(f"label_words: {name!r} names both class {table[name]} and class {label}")
+        raise UserError(f"label_words: {name!r} names both class {table[name]} and class {label}")
       table[name] = label
   return table
 
@@ -39,14 +40,14 @@ def caption_accuracy(generated: Sequence[str], labels: Sequence[int],
   class, or the right class plus another one is wrong; repeating the right class is fine.
   """
   if len(generated) != len(labels):
-    raise ValueError(f"caption_accuracy: {len(generated)} captions but {len(labels)} labels")
+    raise UserError(f"caption_accuracy: {len(generated)} captions but {len(labels)} labels")
   if len(generated) == 0:
-    raise ValueError("caption_accuracy: no captions given")
+    raise UserError("caption_accuracy: no captions given")
   table = _mention_table(label_words)
   correct = 0
   for k, (caption, label) in enumerate(zip(generated, labels)):
     if not 0 <= int(label) < len(label_words):
-      raise ValueError(f"caption_accuracy: labels[{k}] = {label} outside 0..{len(label_words) - 1}")
+      raise UserError(f"caption_accuracy: labels[{k}] = {label} outside 0..{len(label_words) - 1}")
     mentioned = {table[t] for t in tokenize(caption) if t in table}
     correct += mentioned == {int(label)}
   return correct / len(generated)
