@@ -11,6 +11,7 @@ import sys
 
 from lmfusion_jax.errors import UserError
 
+
 # name -> (module, one-line help)
 COMMANDS = {
     "demo": ("lmfusion_jax.commands.demo", "the built-in demo: digits, text LM, convert, LMFusion, eval, report"),

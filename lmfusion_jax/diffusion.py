@@ -17,7 +17,6 @@ respaced beta_k = 1 - abar / abar_prev and the posterior variance beta_tilde_k f
 the predicted x0.
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 import dataclasses
 import math
@@ -26,6 +25,8 @@ from typing import Callable, NamedTuple, Optional, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from lmfusion_jax.errors import UserError
 
 EpsFn = Callable[[jax.Array, jax.Array], jax.Array]
 

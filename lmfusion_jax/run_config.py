@@ -9,7 +9,6 @@ Sections: model (LlamaConfig fields + `preset`/`hf_config`), fusion (FusionConfi
 distributed.
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 import ast
 import dataclasses
@@ -21,6 +20,7 @@ import ml_collections
 from lmfusion_jax.diffusion import DiffusionConfig
 from lmfusion_jax.models.config import (ConfigError, FusionConfig, LlamaConfig, fusion_config_from,
                                         llama_config_from)
+from lmfusion_jax.errors import UserError
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -4,7 +4,6 @@ Every parameter carries logical axis names (`out_sharding` metadata on its nnx.P
 table maps them to mesh axes. Activations are constrained with the same names.
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 from typing import Optional, Sequence
 
@@ -12,6 +11,8 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+from lmfusion_jax.errors import UserError
 
 MESH_AXES = ("data", "fsdp", "tensor")
 

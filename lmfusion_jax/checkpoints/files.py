@@ -5,13 +5,14 @@ its target; a folder is filled under a temporary sibling name and renamed into p
 temporary is removed and a replaced folder put back. Paths are `etils.epath` paths (local or gs://).
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 import json
 import uuid
 from typing import Callable
 
 from etils import epath
+
+from lmfusion_jax.errors import UserError
 
 
 class CheckpointError(UserError):

@@ -14,7 +14,6 @@ for a single `model.safetensors`, a set of shards with `model.safetensors.index.
 `*.safetensors` files. Only safetensors and JSON are ever read (never pickle).
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 import dataclasses
 import json
@@ -30,6 +29,7 @@ from safetensors import safe_open
 from lmfusion_jax.checkpoints.files import write_dir
 from lmfusion_jax.models.config import LlamaConfig
 from lmfusion_jax.models.llama import layer_param_shapes
+from lmfusion_jax.errors import UserError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -24,7 +24,6 @@ A document is laid out (positions increasing) as
 with the caption dropped (empty) for classifier-free guidance training.
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 import jax
 from typing import Any, Dict, Iterator, Sequence, Tuple
@@ -33,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from lmfusion_jax.sharding import batch_sharding
+from lmfusion_jax.errors import UserError
 
 TEXT_KEYS = ("tokens", "text_positions", "text_segment_ids", "targets", "loss_mask")
 IMAGE_KEYS = ("latents", "image_positions", "image_segment_ids", "image_first")

@@ -42,7 +42,6 @@ Data config (`config.data`, an ml_collections ConfigDict; defaults in `default_d
   synthetic_num_records / synthetic_channels   the synthetic source's size and latent channels
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 from typing import Iterator, Optional
 
@@ -56,6 +55,7 @@ from lmfusion_jax.data.sequences import SequenceSpec, build_document
 from lmfusion_jax.data.synthetic import SyntheticSource
 from lmfusion_jax.data.tfds_quiet import quiet_download_config
 from lmfusion_jax.data.tokenizer import CaptionEncoder, special_ids
+from lmfusion_jax.errors import UserError
 
 DATASETS = ("digits", "image_captions", "synthetic")
 

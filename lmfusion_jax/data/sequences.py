@@ -19,12 +19,13 @@ text with probability `caption_dropout`) come from `example_rng(seed, example_in
 (record x epoch) gets the same draws however the data is sharded over processes or workers.
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 import dataclasses
 from typing import Callable, Optional, Union
 
 import numpy as np
+
+from lmfusion_jax.errors import UserError
 
 ON_BAD_RECORD = ("error", "skip")
 ORDERS = ("random", "caption_first", "image_first")

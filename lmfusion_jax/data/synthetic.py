@@ -4,9 +4,10 @@ Record i is a pure function of (seed, split, i): latent ~ N(0, 1) of shape [size
 a caption of 1..max_words words from a small fixed word list. Random access, picklable (Grain source).
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 import numpy as np
+
+from lmfusion_jax.errors import UserError
 
 WORDS = ("a", "the", "red", "blue", "green", "small", "large", "cat", "dog", "bird", "house", "tree",
          "on", "under", "near", "sunny", "dark", "street", "river", "mountain", "photo", "painting",

@@ -9,10 +9,11 @@ from numpy's PCG64 with seed 0; its first 30 indices go to `test` (300 records),
 a generator seeded with the record index. Written as ArrayRecord without TensorFlow.
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 import numpy as np
 import tensorflow_datasets as tfds
+
+from lmfusion_jax.errors import UserError
 
 NUM_CLASSES = 10
 TEST_PER_CLASS = 30

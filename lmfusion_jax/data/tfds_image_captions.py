@@ -14,7 +14,6 @@ The builder config is named "res{image_size}" unless `config_name` is given; the
 dataset are fingerprinted, and rebuilding the same name with different options is an error.
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 import csv
 import hashlib
@@ -27,6 +26,7 @@ import tensorflow_datasets as tfds
 from etils import epath
 
 from lmfusion_jax.data.tfds_quiet import quiet_download_config
+from lmfusion_jax.errors import UserError
 
 BUILDER_NAME = "lmfusion_image_captions"
 VERSION = "1.0.0"

@@ -7,12 +7,12 @@ ids, so `special_ids` looks every one of them up BY NAME: the same code works fo
 tokenizer folder and for the tiny ones trained here for tests and demos.
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 import os
 from typing import Iterable
 
 from lmfusion_jax.checkpoints.files import write_dir
+from lmfusion_jax.errors import UserError
 
 BOS = "<|begin_of_text|>"
 EOS = "<|end_of_text|>"

@@ -10,7 +10,6 @@ the whole sequence for every new token (the reference the tests compare against)
   caption_images(model, tokenizer, latents, ...) -> caption strings (batched)
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 import functools
 from typing import List, Optional, Sequence
@@ -23,6 +22,7 @@ from flax import nnx
 from lmfusion_jax.data.batch import padded_chunks
 from lmfusion_jax.inference.sampler import Sampler, clean_images, image_prefix, latent_shape, trim_at_eos
 from lmfusion_jax.models.inputs import TextInputs
+from lmfusion_jax.errors import UserError
 
 
 def check_latents(latents, fcfg) -> jax.Array:

@@ -15,7 +15,6 @@ and runs N rows only).
   generate_images(model, prompts, diffusion_cfg, ...) -> latents float32 [N, H, W, C]
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 import functools
 from typing import Optional, Sequence
@@ -28,6 +27,7 @@ from flax import nnx
 from lmfusion_jax.inference.sampler import (DIFFUSION_STATIC, Sampler, check_sampler, guided, latent_shape,
                                             left_pad, run_diffusion)
 from lmfusion_jax.models.inputs import ImageInputs, TextInputs
+from lmfusion_jax.errors import UserError
 
 
 def prefixes(prompts: Sequence[Sequence[int]], bos_id: int, boi_id: int) -> list:

@@ -5,7 +5,6 @@ the digits), upscaling, contact sheets, and PNG files (written atomically throug
   write_png / contact_sheet / write_samples
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 import io
 import os
@@ -16,6 +15,7 @@ import numpy as np
 
 from lmfusion_jax.checkpoints.files import write_bytes
 from lmfusion_jax.models.vae import jit_decode_latents, jit_encode_latents
+from lmfusion_jax.errors import UserError
 
 
 def to_float_images(latents, vae=None) -> np.ndarray:

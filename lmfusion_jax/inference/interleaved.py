@@ -5,7 +5,6 @@ continues, until EOS or the token budget. Every step goes through inference.samp
   generate_interleaved(model, prompt_ids, diffusion_cfg, ...) -> [("text", ids) | ("image", latent), ...]
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 from typing import Optional, Sequence
 
@@ -14,6 +13,7 @@ import numpy as np
 
 from lmfusion_jax.inference.image import prefix_arrays
 from lmfusion_jax.inference.sampler import Sampler, guided, stack_rows
+from lmfusion_jax.errors import UserError
 
 
 def generate_interleaved(model, prompt_ids: Sequence[int], diffusion_cfg, *, max_new_tokens: int = 64,

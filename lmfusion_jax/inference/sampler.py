@@ -17,7 +17,6 @@ module (`nnx.split`), cached per Sampler; the text decode loop is a `lax.while_l
 has produced an end-of-sequence token.
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 import functools
 from typing import List, Optional, Sequence, Tuple
@@ -31,6 +30,7 @@ from lmfusion_jax import diffusion
 from lmfusion_jax.models import decoder
 from lmfusion_jax.models.inputs import ImageInputs, TextInputs
 from lmfusion_jax.models.mask import TokenInfo, text_info
+from lmfusion_jax.errors import UserError
 
 SAMPLERS = ("ddpm", "ddim")
 

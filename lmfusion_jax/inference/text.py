@@ -6,11 +6,11 @@
 weights are used).
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 from typing import List, Optional, Sequence
 
 from lmfusion_jax.inference.sampler import Sampler, trim_at_eos
+from lmfusion_jax.errors import UserError
 
 
 def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,

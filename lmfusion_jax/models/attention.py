@@ -6,13 +6,13 @@ TPU flash kernel (models/flash_attention.py: the mask is built per tile, never m
 the same signature; `model.attention_impl` picks one.
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 import jax
 import jax.numpy as jnp
 
 from lmfusion_jax.models.flash_attention import flash_attention
 from lmfusion_jax.models.mask import TokenInfo, hybrid_mask
+from lmfusion_jax.errors import UserError
 
 
 def reference_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:

@@ -5,13 +5,14 @@
 Run-level knobs live in ml_collections configs under configs/; `from_config_dict` builds these from them.
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 import dataclasses
 import json
 from typing import Any, Optional
 
 import jax.numpy as jnp
+
+from lmfusion_jax.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")

@@ -6,7 +6,6 @@ v5e-N (gcloud: v5litepod-N) and v6e-N count chips (1 core each). An explicit chi
 "v5p:4x4x12", "v5e:8x16".
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 import dataclasses
 import os
@@ -17,6 +16,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh
 
 from lmfusion_jax import sharding
+from lmfusion_jax.errors import UserError
 
 GIB = 2 ** 30
 

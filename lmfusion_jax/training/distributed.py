@@ -5,11 +5,12 @@ machines they come from config.distributed.* or the env vars LMFUSION_COORDINATO
 LMFUSION_PROCESS_ID (what launch/local_multihost.sh sets). CPU multi-process runs use gloo collectives.
 """
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 import os
 
 import jax
+
+from lmfusion_jax.errors import UserError
 
 
 def _from_env(dist_cfg):

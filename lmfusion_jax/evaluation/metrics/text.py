@@ -1,10 +1,10 @@
 """Caption accuracy for class-labelled images (the digits demo): does the caption name the right class?"""
 from __future__ import annotations
-from lmfusion_jax.errors import UserError
 
 from typing import Sequence
 
 from lmfusion_jax.evaluation.metrics.cider import tokenize
+from lmfusion_jax.errors import UserError
 
 DIGIT_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
