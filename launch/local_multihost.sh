@@ -18,6 +18,7 @@ log_dir="${LOG_DIR:-./multihost_logs}"
 mkdir -p "$log_dir"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+# SIGTERM / SIGINT to this script (a preemption notice) go to every process, which save and exit 0 together.
 trap cleanup INT TERM
 for ((i = 0; i < n; i++)); do
   JAX_PLATFORMS=cpu \
@@ -28,8 +29,15 @@ for ((i = 0; i < n; i++)); do
 done
 status=0
 for i in "${!pids[@]}"; do
-  if ! wait "${pids[$i]}"; then
-    echo "process $i failed; see $log_dir/process_$i.log" >&2
+  while true; do
+    rc=0
+    wait "${pids[$i]}" || rc=$?
+    # a trapped signal interrupts `wait` (rc > 128) while the process still runs: wait again
+    if [[ $rc -gt 128 ]] && kill -0 "${pids[$i]}" 2>/dev/null; then continue; fi
+    break
+  done
+  if [[ $rc -ne 0 ]]; then
+    echo "process $i failed (exit $rc); see $log_dir/process_$i.log" >&2
     tail -n 20 "$log_dir/process_$i.log" >&2 || true
     status=1
     cleanup

@@ -9,21 +9,24 @@ import argparse
 import importlib
 import sys
 
+from lmfusion_jax import logs
 from lmfusion_jax.errors import UserError
 
 
 # name -> (module, one-line help)
 COMMANDS = {
     "demo": ("lmfusion_jax.commands.demo", "the built-in demo: digits, text LM, convert, LMFusion, eval, report"),
+    "build-data": ("lmfusion_jax.commands.build_data",
+                   "prepare a dataset (digits or image-captions) once, optionally with a tokenizer"),
     "train": ("lmfusion_jax.commands.train", "train LMFusion (image side; text frozen by default)"),
     "convert-llama": ("lmfusion_jax.commands.convert_llama",
                       "Hugging Face Llama safetensors -> params checkpoint (text + initialized image branch)"),
     "convert-vae": ("lmfusion_jax.commands.convert_vae",
                     "diffusers AutoencoderKL (safetensors) -> Flax VAE checkpoint"),
     "export-llama": ("lmfusion_jax.commands.export_llama",
-                     "text branch of a params checkpoint -> Hugging Face Llama folder"),
+                     "text branch of any checkpoint -> Hugging Face Llama folder (+ its tokenizer)"),
     "generate": ("lmfusion_jax.commands.generate_text",
-                 "generate text from a params checkpoint with a KV cache (greedy or top-p sampling)"),
+                 "generate text from any checkpoint's text branch with a KV cache (greedy or top-p sampling)"),
     "sample": ("lmfusion_jax.commands.sample", "text-to-image sampling (DDPM/DDIM, CFG) -> PNGs + contact sheet"),
     "caption": ("lmfusion_jax.commands.caption", "greedy captions of image files"),
     "eval": ("lmfusion_jax.commands.evaluate",
@@ -38,9 +41,13 @@ def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
       prog="lmfusion-jax",
       description="LMFusion in JAX: convert Llama-3 checkpoints, train the image side with the text side "
                   "frozen, sample, caption and evaluate from sharded checkpoints.")
+  parser.add_argument("-v", "--verbose", action="store_true",
+                       help="let libtpu, absl, orbax and TFDS print their logs and warnings (quiet by default)")
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
   for name, (module, help_text) in COMMANDS.items():
     p = sub.add_parser(name, help=help_text, description=help_text)
+    # also accepted after the subcommand; SUPPRESS keeps the main parser's value when absent here
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     if name == argv_command:
       importlib.import_module(module).add_arguments(p)
   return parser
@@ -48,6 +55,9 @@ def build_parser(argv_command: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
+  # Before any subcommand module (and JAX, libtpu, orbax) is imported: quiet unless -v/--verbose.
+  head = argv[:argv.index("--")] if "--" in argv else argv
+  logs.configure(verbose="-v" in head or "--verbose" in head)
   command = next((a for a in argv if not a.startswith("-")), None)
   parser = build_parser(command if command in COMMANDS else None)
   args, extra = parser.parse_known_args(argv)

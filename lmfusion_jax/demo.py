@@ -22,6 +22,7 @@ from etils import epath
 from lmfusion_jax import sharding
 from lmfusion_jax.checkpoints import params as params_io
 from lmfusion_jax.checkpoints.files import write_json, write_text
+from lmfusion_jax.data.cache import caption_with_fact, number_sentences
 from lmfusion_jax.training import text_pretrain
 from lmfusion_jax.models.config import llama_config_from, fusion_config_from
 
@@ -32,48 +33,14 @@ def log(msg):
 
 def prepare_data(cfg, workdir: epath.Path):
   from lmfusion_jax.data.build import build_dataset
-  from lmfusion_jax.data.tfds_digits import TEMPLATES, all_captions
+  from lmfusion_jax.data.cache import digits_tokenizer_texts
   from lmfusion_jax.data.tokenizer import load_tokenizer, train_tokenizer
   data_dir = workdir / "tfds"
   build_dataset("digits", str(data_dir), image_size=int(cfg.data.image_size))
   tok_dir = workdir / "tokenizer"
   if not tok_dir.exists():
-    facts = [caption_with_fact(c, i // len(TEMPLATES), k) for i, c in enumerate(all_captions()) for k in range(3)]
-    train_tokenizer(all_captions() * 4 + number_sentences() + facts, int(cfg.demo.tokenizer_vocab), str(tok_dir))
+    train_tokenizer(digits_tokenizer_texts(), int(cfg.demo.tokenizer_vocab), str(tok_dir))
   return str(data_dir), str(tok_dir), load_tokenizer(str(tok_dir))
-
-
-def number_sentences() -> list:
-  """Plain text about the numbers zero..nine (counting, arithmetic, numerals vs words), so that the small
-  pretrained LM, like a real Llama, represents each number distinctly; in captions alone the ten number
-  words are interchangeable and the LM would have no reason to tell them apart."""
-  from lmfusion_jax.data.tfds_digits import WORDS
-  out = []
-  for a in range(10):
-    out.append(f"the digit {a} is written as {WORDS[a]}")
-    out.append(f"{WORDS[a]} is the number {a}")
-    if a < 9:
-      out.append(f"after {WORDS[a]} comes {WORDS[a + 1]}")
-      out.append(f"{a} plus one is {a + 1}")
-    for b in range(10 - a):
-      out.append(f"{WORDS[a]} plus {WORDS[b]} is {WORDS[a + b]}")
-  out.append(" ".join(WORDS))
-  return out
-
-
-def caption_with_fact(caption: str, digit: int, kind: int) -> str:
-  """A caption followed by a statement about its number (numeral <-> word, successor, predecessor): text in
-  which what comes after a caption depends on the number it names, as in real web text."""
-  from lmfusion_jax.data.tfds_digits import WORDS
-  kind %= 3
-  if kind == 0:
-    has_numeral = any(ch.isdigit() for ch in caption)
-    tail = f"in words {WORDS[digit]}" if has_numeral else f"in numerals {digit}"
-  elif kind == 1:
-    tail = f"the next number is {WORDS[(digit + 1) % 10]}"
-  else:
-    tail = f"the number before it is {WORDS[(digit - 1) % 10]}"
-  return f"{caption}; {tail}"
 
 
 def text_corpus(data_cfg, split: str) -> list:
@@ -123,7 +90,7 @@ def export_and_convert(cfg, workdir, base_lm: str, tokenizer) -> str:
   from lmfusion_jax.data.tokenizer import special_ids
   hf_dir, converted = workdir / "hf_base_lm", workdir / "converted"
   if not hf_dir.exists():
-    export(base_lm, str(hf_dir))
+    export(base_lm, str(hf_dir), tokenizer_dir=cfg.data.tokenizer_dir)   # a complete HF folder
   if not (converted / params_io.CONFIG_FILE).exists():
     sp = special_ids(tokenizer)
     fcfg = fusion_config_from(cfg.fusion).replace(boi_id=sp["boi"], eoi_id=sp["eoi"])
@@ -141,8 +108,9 @@ def sample_grid(cfg, run_dir: str, workdir) -> str:
   n = int(cfg.demo.samples_per_digit)
   prompts = [f"a handwritten digit {w}" for w in WORDS]
   ids = [enc(p) for p in prompts for _ in range(n)]
-  lat = image.generate_images(loaded.model(), ids, loaded.diffusion, num_steps=int(cfg.demo.sample_steps),
-                              sampler=str(cfg.demo.sampler), cfg_scale=float(cfg.demo.cfg_scale),
+  sp = cfg.sampling
+  lat = image.generate_images(loaded.model(), ids, loaded.diffusion, num_steps=int(sp.steps),
+                              sampler=str(sp.sampler), cfg_scale=float(sp.cfg_scale), eta=float(sp.eta),
                               seed=int(cfg.seed), clip_x0=1.0, pad_id=special_ids(tok)["pad"])
   images = image_files.decode_to_images(np.asarray(lat))
   grid = image_files.contact_sheet(image_files.upscale(images, 4), columns=n)
@@ -173,8 +141,8 @@ def write_report(workdir, metrics: dict, timings: dict, paths: dict, cfg) -> str
       f"| text NLL after LMFusion training | {metrics['text_nll']!r} | bitwise equal |",
       f"| text NLL unchanged to the last bit | {metrics['text_nll_unchanged']} | True |", "",
       "## Samples", "", f"One row per prompt \"a handwritten digit <zero..nine>\", "
-      f"{cfg.demo.samples_per_digit} samples each ({cfg.demo.sampler}, {cfg.demo.sample_steps} steps, "
-      f"CFG scale {cfg.demo.cfg_scale}):", "", "![samples](samples_grid.png)", "",
+      f"{cfg.demo.samples_per_digit} samples each ({cfg.sampling.sampler}, {cfg.sampling.steps} steps, "
+      f"CFG scale {cfg.sampling.cfg_scale}):", "", "![samples](samples_grid.png)", "",
       "## Example captions", "",
   ]
   for ex in metrics.get("caption_examples", []):
@@ -188,6 +156,10 @@ def write_report(workdir, metrics: dict, timings: dict, paths: dict, cfg) -> str
 def run_demo(cfg) -> dict:
   from lmfusion_jax.evaluation.evaluate import evaluate, evaluate_text_nll
   from lmfusion_jax.training.loop import train
+  from lmfusion_jax.checkpoints.files import absolute_path
+  from lmfusion_jax.evaluation.setup import fill_sampling
+  cfg.workdir = absolute_path(cfg.workdir)
+  fill_sampling(cfg)   # eval's open sampling fields = the demo's recorded sampling (the report names them)
   workdir = epath.Path(cfg.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.mesh_from_config(cfg.mesh)

@@ -3,9 +3,11 @@ loading `get_config(arg)` files, `--config.a.b=value` overrides, and the model d
 
 Top-level fields:
   workdir, total_steps, seed, init_from, log_every, save_every, keep_checkpoints, async_checkpointing,
-  eval_every, tensorboard, peak_flops_per_device (0 = look up the device kind)
-Sections: model (LlamaConfig fields + `preset`/`hf_config`), fusion (FusionConfig fields), diffusion
-(DiffusionConfig fields), optim, mesh, data (see lmfusion_jax.data.pipeline.default_data_config),
+  eval_every, tensorboard, peak_flops_per_device (0 = look up the device kind), reinit_image,
+  lock_stale_after_s
+Sections: model (LlamaConfig fields + `preset`/`hf_config`; preset "init" = init_from's architecture),
+fusion (FusionConfig fields), diffusion (DiffusionConfig fields), sampling (the run's default sampler,
+steps, cfg_scale, eta), optim, mesh, data (see lmfusion_jax.data.pipeline.default_data_config),
 distributed.
 """
 from __future__ import annotations
@@ -18,8 +20,8 @@ import pathlib
 import ml_collections
 
 from lmfusion_jax.diffusion import DiffusionConfig
-from lmfusion_jax.models.config import (ConfigError, FusionConfig, LlamaConfig, fusion_config_from,
-                                        llama_config_from)
+from lmfusion_jax.models.config import (ConfigError, FusionConfig, LlamaConfig, check_float, check_int,
+                                        fusion_config_from, llama_config_from)
 from lmfusion_jax.errors import UserError
 
 
@@ -37,6 +39,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_every = 0
   c.tensorboard = True
   c.peak_flops_per_device = 0.0
+  c.reinit_image = False      # build a fresh image branch instead of loading init_from's (another U-Net/io)
+  c.lock_stale_after_s = 600.0  # a workdir lock from another host not refreshed for this long is stale
+  # How this run's images are sampled by default (`sample`, `eval`, the demo; flags and eval.* override).
+  c.sampling = ml_collections.ConfigDict(dict(sampler="ddpm", steps=250, cfg_scale=1.55, eta=0.0))
   c.model = ml_collections.ConfigDict({"preset": "llama3_8b"})
   c.fusion = ml_collections.ConfigDict(dataclasses.asdict(FusionConfig()))
   c.fusion.unet_channels = tuple(c.fusion.unet_channels)
@@ -54,6 +60,16 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def sampling_defaults(run_config=None) -> dict:
+  """{sampler, steps, cfg_scale, eta}: a run's recorded `sampling` section (a run_config.json `config`
+  dict or a ConfigDict), filled from base_config() for runs recorded without one."""
+  out = base_config().sampling.to_dict()
+  section = (run_config or {}).get("sampling") if run_config is not None else None
+  if section:
+    out.update({k: v for k, v in dict(section).items() if k in out})
+  return out
+
+
 def model_configs(cfg) -> tuple[LlamaConfig, FusionConfig, DiffusionConfig]:
   """Frozen dataclasses from the run config (errors name the config field)."""
   lcfg = llama_config_from(cfg.model)
@@ -68,6 +84,42 @@ def model_configs(cfg) -> tuple[LlamaConfig, FusionConfig, DiffusionConfig]:
     raise ConfigError(f"data.tokens_per_image={cfg.data.tokens_per_image} but the fusion config gives "
                       f"{fcfg.tokens_per_image} tokens per image ((latent_size / patch_size)^2)")
   return lcfg, fcfg, dcfg
+
+
+_MISSING = object()
+
+
+def _field(cfg, key: str):
+  node = cfg
+  for part in key.split("."):
+    try:
+      node = node[part]
+    except (KeyError, TypeError, AttributeError):
+      node = _MISSING
+    if node is _MISSING:
+      raise ConfigError(f"{key}: missing field (every run config starts from run_config.base_config())")
+  return node
+
+
+def validate_run_config(cfg) -> None:
+  """Checks the training-level fields of a run config; raises ConfigError naming the first bad field.
+
+  Steps and counts are integers (a bool is not): total_steps, save_every, log_every, keep_checkpoints,
+  optim.accum_steps, data.global_batch_size, data.text_len >= 1; data.image_slots, optim.warmup_steps,
+  eval_every >= 0; optim.accum_steps divides data.global_batch_size; learning rates are finite and >= 0.
+  The mesh (and whether the batch splits over it) and the model fields are checked elsewhere
+  (sharding.make_mesh, `model_configs`)."""
+  for key in ("total_steps", "save_every", "log_every", "keep_checkpoints", "optim.accum_steps",
+              "data.global_batch_size", "data.text_len"):
+    check_int(key, _field(cfg, key), minimum=1)
+  for key in ("data.image_slots", "optim.warmup_steps", "eval_every"):
+    check_int(key, _field(cfg, key), minimum=0)
+  for key in ("optim.text_lr", "optim.image_lr", "optim.text_final_lr", "optim.image_final_lr"):
+    check_float(key, _field(cfg, key), minimum=0.0)
+  batch, accum = _field(cfg, "data.global_batch_size"), _field(cfg, "optim.accum_steps")
+  if batch % accum:
+    raise ConfigError(f"optim.accum_steps={accum} does not divide data.global_batch_size={batch} "
+                      f"(each step splits the batch into accum_steps equal micro-batches)")
 
 
 # --- config files and command-line overrides -------------------------------------------------------

@@ -76,3 +76,32 @@ def frozen_run(tokenizer_dir, digits_data_dir, tmp_path_factory):
   cfg.total_steps, cfg.save_every = 4, 2
   metrics = train(cfg)
   return cfg, metrics
+
+
+PREEMPT_TOTAL = 6   # steps of the short runs of the reliability tests; checkpoints every 3 steps
+
+
+def short_run_config(tokenizer_dir, data_dir, workdir):
+  """The tiny config for the reliability tests: 6 steps, logged every step, async saves at 3 and 6."""
+  cfg = make_tiny_config(tokenizer_dir, data_dir, workdir)
+  cfg.total_steps, cfg.save_every, cfg.log_every = PREEMPT_TOTAL, 3, 1
+  cfg.async_checkpointing = True
+  return cfg
+
+
+def saved_state(workdir, step=PREEMPT_TOTAL):
+  """A training checkpoint's saved state as numpy leaves (orbax, one device)."""
+  import numpy as np
+  import orbax.checkpoint as ocp
+  tree = ocp.StandardCheckpointer().restore(os.path.join(str(workdir), "checkpoints", str(step), "state"))
+  return jax.tree.map(np.asarray, tree)
+
+
+@pytest.fixture(scope="session")
+def short_run(tokenizer_dir, digits_data_dir, tmp_path_factory):
+  """(workdir, final state): a short run never interrupted, the reference of the stop/resume tests.
+  Read-only: tests that change a workdir copy it first."""
+  from lmfusion_jax.training.loop import train
+  workdir = str(tmp_path_factory.mktemp("short") / "run")
+  train(short_run_config(tokenizer_dir, digits_data_dir, workdir))
+  return workdir, saved_state(workdir)

@@ -1,5 +1,6 @@
 """image_captions builder: folder + captions -> VAE latents; bad images; idempotent rebuild; pipeline."""
 import json
+import re
 
 import numpy as np
 import pytest
@@ -109,3 +110,91 @@ def test_pipeline_reads_image_captions(tmp_path, vae_dir):
   for b in batches:
     check_batch(b, 32, 2)
   assert sum(int((b["image_segment_ids"] > 0).sum()) for b in batches) == 5
+
+
+def _never_read(path, image_size):
+  raise AssertionError(f"an image was read ({path}) before every record was checked")
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "file_symlink", "folder_symlink"])
+def test_records_escaping_the_source_folder_are_refused(tmp_path, vae_dir, monkeypatch, kind):
+  """The escaping record comes last, yet it is refused before any image is read or encoded."""
+  from lmfusion_jax.data import tfds_image_captions
+  vdir, _ = vae_dir
+  src = _folder(tmp_path / "src")
+  outside = tmp_path / "outside"
+  outside.mkdir()
+  Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(outside / "x.png")
+  bad = {"dotdot": "../outside/x.png", "absolute": str(outside / "x.png"),
+         "file_symlink": "link.png", "folder_symlink": "linkdir/x.png"}[kind]
+  if kind == "file_symlink":
+    (src / "link.png").symlink_to(outside / "x.png")
+  if kind == "folder_symlink":
+    (src / "linkdir").symlink_to(outside, target_is_directory=True)
+  with open(src / "captions.jsonl", "a") as f:
+    f.write(json.dumps({"file": bad, "caption": "escape"}) + "\n")
+  monkeypatch.setattr(tfds_image_captions, "load_image", _never_read)
+  with pytest.raises(CaptionsFileError, match=re.escape(f"captions.jsonl:6: record file '{bad}' is refused")):
+    build_dataset("image_captions", str(tmp_path / "tfds"), source_dir=src, vae_dir=vdir, image_size=8)
+  assert not (tmp_path / "tfds" / "lmfusion_image_captions" / "res8" / "1.0.0").exists()
+
+
+def test_symlinks_inside_the_source_folder_are_accepted(tmp_path, vae_dir):
+  vdir, vae = vae_dir
+  src = _folder(tmp_path / "src")
+  (src / "sub").mkdir()
+  (src / "sub" / "alias.png").symlink_to(src / "img0.png")      # a file symlink within the folder
+  (src / "same").symlink_to(src, target_is_directory=True)       # a folder symlink back into it
+  with open(src / "captions.jsonl", "a") as f:
+    f.write(json.dumps({"file": "sub/alias.png", "caption": "alias"}) + "\n")
+    f.write(json.dumps({"file": "same/img1.png", "caption": "via folder link"}) + "\n")
+    f.write(json.dumps({"file": "sub/../img2.png", "caption": "dot dot inside"}) + "\n")
+  builder = build_dataset("image_captions", str(tmp_path / "tfds"), source_dir=src, vae_dir=vdir,
+                          image_size=8)
+  ds = builder.as_data_source("train")
+  by_id = {ds[i]["id"].decode(): ds[i] for i in range(len(ds))}
+  assert len(by_id) == 8
+  np.testing.assert_allclose(by_id["sub/alias.png"]["latent"], _reference_latent(vae, src / "img0.png"), atol=1e-5)
+  np.testing.assert_allclose(by_id["same/img1.png"]["latent"], _reference_latent(vae, src / "img1.png"), atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_non_utf8_captions_file(tmp_path, vae_dir, fmt):
+  vdir, _ = vae_dir
+  src = _folder(tmp_path / "src", fmt)
+  name = f"captions.{fmt}"
+  text = (src / name).read_bytes().splitlines(keepends=True)
+  text[2] = text[2].replace(b"a", "\u00e9".encode("latin-1"), 1)    # line 3: a Latin-1 byte 0xe9
+  (src / name).write_bytes(b"".join(text))
+  offset = len(b"".join(text[:2])) + text[2].index(b"\xe9")
+  with pytest.raises(CaptionsFileError, match=rf"{name}:3: not UTF-8 \(byte 0xe9 at offset {offset}\)"):
+    build_dataset("image_captions", str(tmp_path / "tfds"), source_dir=src, vae_dir=vdir, image_size=8)
+
+
+def test_bad_build_options_are_user_errors(tmp_path):
+  from lmfusion_jax.errors import UserError
+  with pytest.raises(UserError, match="unknown dataset 'nope'"):
+    build_dataset("nope", str(tmp_path))
+  with pytest.raises(UserError, match=r"unknown option\(s\) \['size'\]"):
+    build_dataset("digits", str(tmp_path), size=8)
+  with pytest.raises(UserError, match=r"unknown option\(s\) \['source'\]"):
+    build_dataset("image_captions", str(tmp_path), source="x", vae_dir="y")
+  with pytest.raises(UserError, match=r"missing option\(s\) \['vae_dir'\]"):
+    build_dataset("image_captions", str(tmp_path), source_dir="x")
+
+
+def test_build_data_cli_with_relative_paths(tmp_path, vae_dir, monkeypatch, capsys):
+  """`build-data image-captions` from another cwd: paths made absolute, so the same folders given as absolute
+  paths later are recognised as the same inputs (same fingerprint, no rebuild)."""
+  from lmfusion_jax import cli
+  vdir, _ = vae_dir
+  _folder(tmp_path / "src")
+  monkeypatch.chdir(tmp_path)
+  assert cli.main(["build-data", "image-captions", "--source", "src", "--vae", str(vdir), "--data-dir", "tfds",
+                   "--image-size", "8", "--test-size", "1"]) == 0
+  out = capsys.readouterr().out
+  assert f"--config.data.data_dir={tmp_path / 'tfds'} " in out and "train 4" in out and "test 1" in out
+  monkeypatch.chdir(tmp_path / "src")
+  again = build_dataset("image_captions", str(tmp_path / "tfds"), source_dir=str(tmp_path / "src"), vae_dir=vdir,
+                        image_size=8, test_size=1)
+  assert again.info.splits["train"].num_examples == 4

@@ -225,7 +225,7 @@ def test_init_from_a_text_only_checkpoint_builds_the_image_branch(tiny_config, t
   image branch built for the run's separation mode with the model's exact tree (no `layers` for none)."""
   from lmfusion_jax.checkpoints import params as params_io
   from lmfusion_jax.models.decoder import IMAGE_LAYER_KEYS
-  from lmfusion_jax.training.loop import load_init_params
+  from lmfusion_jax.training.setup import load_init_params
   cfg = tiny_config
   cfg.fusion.separation, cfg.fusion.image_init = separation, image_init
   spec, _ = resolved(cfg)

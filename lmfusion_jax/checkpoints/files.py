@@ -7,6 +7,7 @@ temporary is removed and a replaced folder put back. Paths are `etils.epath` pat
 from __future__ import annotations
 
 import json
+import os
 import uuid
 from typing import Callable
 
@@ -18,6 +19,16 @@ from lmfusion_jax.errors import UserError
 class CheckpointError(UserError):
   """A checkpoint (params, training, VAE) is missing, incomplete or does not match what it is read as; the
   message names the path and the file, field or tensor at fault."""
+
+
+def absolute_path(path) -> str:
+  """A local path made absolute (`~` expanded) against the current directory; URLs (gs://...) untouched.
+  Every path a user gives is passed through this at the boundary, so what is stored and handed to orbax
+  stays valid from any directory."""
+  text = os.fspath(path)
+  if not text or "://" in text:
+    return text
+  return os.path.abspath(os.path.expanduser(text))
 
 
 class OutputExistsError(UserError):

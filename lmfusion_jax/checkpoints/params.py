@@ -4,6 +4,8 @@ Layout:
   CKPT/lmfusion.json   {"format": 1, "llama": {LlamaConfig fields}, "fusion": {FusionConfig fields} | null}
   CKPT/params/         Orbax checkpoint of the pure dict {"text": {...}, "image": {...}}
                        (`image` is absent in a text-only checkpoint, e.g. a converted Llama)
+  CKPT/tokenizer/      the model's tokenizer files, when the writer was given them (convert-llama copies
+                       the Hugging Face folder's), so the checkpoint is all `sample`/`generate` need
 
 Writing is atomic: everything goes to `CKPT.lmfusion-tmp` first and is renamed into place at the end;
 on gs:// (no directory rename) it is written in place and `lmfusion.json` is written last, so a
@@ -36,11 +38,33 @@ from lmfusion_jax.checkpoints.files import CheckpointError, write_text
 from lmfusion_jax.models.config import (DTYPES, ConfigError, FusionConfig, LlamaConfig, fusion_config_from,
                                         llama_config_from)
 from lmfusion_jax.models import sharded
+from lmfusion_jax.progress import Progress
 
 CONFIG_FILE = "lmfusion.json"
 PARAMS_DIR = "params"
 # Where Orbax (v1 layout) keeps the pytree inside PARAMS_DIR; `LazyArray` leaves are filled there.
 PYTREE_DIR = "state"
+TOKENIZER_DIR = "tokenizer"
+# The files of a Hugging Face tokenizer folder (whichever exist are copied).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def has_tokenizer(folder) -> bool:
+  folder = epath.Path(folder)
+  return any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def copy_tokenizer_files(source, target) -> int:
+  """Copies the TOKENIZER_FILES present in `source` into `target` (created); returns how many."""
+  source, target = epath.Path(source), epath.Path(target)
+  target.mkdir(parents=True, exist_ok=True)
+  n = 0
+  for name in TOKENIZER_FILES:
+    if (source / name).exists():
+      (target / name).write_bytes((source / name).read_bytes())
+      n += 1
+  return n
 FORMAT_VERSION = 1
 TMP_SUFFIX = ".lmfusion-tmp"
 
@@ -121,8 +145,11 @@ class ParamsWriter:
   """
 
   def __init__(self, path, llama_cfg: LlamaConfig, fusion_cfg: Optional[FusionConfig] = None,
-               overwrite: bool = False, chunk_bytes: Optional[int] = 64 * 2**20):
+               overwrite: bool = False, chunk_bytes: Optional[int] = 64 * 2**20,
+               progress_desc: Optional[str] = None, tokenizer_dir=None):
     self.path = _path(path)
+    self.tokenizer_dir = tokenizer_dir   # given: its tokenizer files are stored under CKPT/tokenizer
+    self.progress_desc = progress_desc  # given: report the LazyArray chunks written (MiB, MiB/s, ETA)
     # Stored chunks of <= chunk_bytes: a host restoring onto a sharded mesh reads only the chunks it needs,
     # and a LazyArray is converted one chunk at a time (None: one chunk per array, the whole leaf at once).
     self.chunk_bytes = chunk_bytes
@@ -165,24 +192,29 @@ class ParamsWriter:
       raise CheckpointError(f"{pytree_dir}: no OCDBT manifest where Orbax was expected to write the params "
                             f"(unsupported orbax-checkpoint layout; write plain arrays instead)")
     context = ocp_v0.type_handlers.get_ts_context(use_ocdbt=True)
-    for leaf, names in self._lazy.values():
-      stores = []
-      for name in names:
-        info = ocp_v0.type_handlers.ParamInfo(name=name, parent_dir=pytree_dir, is_ocdbt_checkpoint=True,
-                                              use_zarr3=True)
-        spec = ocp_v0.type_handlers.get_json_tspec_read(info, use_ocdbt=True)
-        store = ts.open(ts.Spec(spec), open=True, context=context).result()
-        if tuple(store.shape) != leaf.shape or np.dtype(store.dtype.numpy_dtype) != leaf.dtype:
-          raise CheckpointError(f"{pytree_dir}: stored {name} is {store.dtype.name}{list(store.shape)}, "
-                                f"expected {leaf.dtype}{list(leaf.shape)}")
-        stores.append(store)
-      chunks = {tuple(s.chunk_layout.write_chunk.shape) for s in stores}
-      groups = [stores] if len(chunks) == 1 else [[s] for s in stores]
-      for group in groups:
-        self._fill_stores(leaf, group, names)
+    total = sum(leaf.size * leaf.dtype.itemsize * len(names) for leaf, names in self._lazy.values()) / 2**20
+    with Progress(total, self.progress_desc or "", "MiB", enabled=None if self.progress_desc else False) as p:
+      for leaf, names in self._lazy.values():
+        self._fill_leaf(leaf, names, pytree_dir, context, p)
+
+  def _fill_leaf(self, leaf: LazyArray, names: List[str], pytree_dir, context, progress) -> None:
+    stores = []
+    for name in names:
+      info = ocp_v0.type_handlers.ParamInfo(name=name, parent_dir=pytree_dir, is_ocdbt_checkpoint=True,
+                                            use_zarr3=True)
+      spec = ocp_v0.type_handlers.get_json_tspec_read(info, use_ocdbt=True)
+      store = ts.open(ts.Spec(spec), open=True, context=context).result()
+      if tuple(store.shape) != leaf.shape or np.dtype(store.dtype.numpy_dtype) != leaf.dtype:
+        raise CheckpointError(f"{pytree_dir}: stored {name} is {store.dtype.name}{list(store.shape)}, "
+                              f"expected {leaf.dtype}{list(leaf.shape)}")
+      stores.append(store)
+    chunks = {tuple(s.chunk_layout.write_chunk.shape) for s in stores}
+    groups = [stores] if len(chunks) == 1 else [[s] for s in stores]
+    for group in groups:
+      self._fill_stores(leaf, group, names, progress)
 
   @staticmethod
-  def _fill_stores(leaf: LazyArray, stores: list, names: List[str]) -> None:
+  def _fill_stores(leaf: LazyArray, stores: list, names: List[str], progress=None) -> None:
     for box in chunk_boxes(leaf.shape, tuple(stores[0].chunk_layout.write_chunk.shape)):
       values = np.asarray(leaf.fill(box))
       want = tuple(s.stop - s.start for s in box)
@@ -192,6 +224,8 @@ class ParamsWriter:
       # Each write is committed before the next starts: at most one chunk is being encoded and written.
       for store in stores:
         store[box].write(values, can_reference_source_data_indefinitely=True).result()
+      if progress is not None:
+        progress.update(values.nbytes * len(stores) / 2**20)
       del values
 
   def __exit__(self, exc_type, exc, tb) -> None:
@@ -203,6 +237,8 @@ class ParamsWriter:
         raise CheckpointError(f"{self.path}: nothing was written")
       ocp.partial.finalize(self._dir / PARAMS_DIR)
       self._fill_lazy()
+      if self.tokenizer_dir:
+        copy_tokenizer_files(self.tokenizer_dir, self._dir / TOKENIZER_DIR)
       _commit(self._dir, self.path, self.llama_cfg, self.fusion_cfg, self.overwrite)
     except BaseException:
       _remove(self._dir)

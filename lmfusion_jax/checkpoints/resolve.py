@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 
 from etils import epath
 
-from lmfusion_jax.checkpoints.files import CheckpointError
+from lmfusion_jax.checkpoints.files import CheckpointError, absolute_path
 from lmfusion_jax.checkpoints.params import CONFIG_FILE
 from lmfusion_jax.checkpoints.train_state import CHECKPOINTS_DIR, RUN_CONFIG
 from lmfusion_jax.diffusion import DiffusionConfig
@@ -28,7 +28,7 @@ class Resolved(NamedTuple):
 
 def resolve(checkpoint) -> Resolved:
   """Which kind of checkpoint `checkpoint` is (see the module docstring)."""
-  p = epath.Path(checkpoint)
+  p = epath.Path(absolute_path(checkpoint))
   if not p.exists():
     raise CheckpointError(f"--checkpoint {p}: no such file or directory")
   if (p / CONFIG_FILE).exists():

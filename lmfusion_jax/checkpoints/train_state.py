@@ -3,25 +3,40 @@
   data   the Grain iterator state (per process), so a resumed run sees exactly the remaining batches.
 Restores always go against an abstract state built on the CURRENT mesh, so a checkpoint written on one
 mesh loads on any other. The run's resolved config is written beside the steps as `run_config.json`.
+
+A step is complete when orbax has committed it (written under a temporary name, then renamed; a kill -9
+mid-save leaves only the temporary, removed at the next start). `restore_latest` falls back from a damaged
+newest step to the previous good one, with a warning naming the step and the file at fault.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import grain
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lmfusion_jax.checkpoints.files import CheckpointError
+from lmfusion_jax.checkpoints.files import CheckpointError, absolute_path
 
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS_DIR = "checkpoints"   # WORKDIR/checkpoints/<step>/{state,data}
+# What a committed step holds (orbax's layout); a missing one names the damaged file in messages.
+STEP_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt")
+
+
+def step_problems(step_dir) -> list:
+  """The expected files missing or empty in a step folder ([] = looks complete)."""
+  step_dir = epath.Path(step_dir)
+  bad = [f for f in STEP_FILES if not (step_dir / f).exists() or (step_dir / f).stat().length == 0]
+  if (step_dir / "data").exists() and not any((step_dir / "data").glob("process_*")):
+    bad.append("data/process_*.json")
+  return bad
 
 
 class Checkpointer:
   def __init__(self, directory, *, save_every: int, keep: int, async_save: bool = True):
-    self.directory = epath.Path(directory)
+    self.directory = epath.Path(absolute_path(directory))   # orbax needs an absolute path
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=max(1, save_every), enable_async_checkpointing=async_save,
         create=True, cleanup_tmp_directories=True)
@@ -45,12 +60,52 @@ class Checkpointer:
     items = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    step_dir = self.directory / str(step)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise CheckpointError(f"{self.directory}/{step}: cannot restore the train state for this config "
-                            f"({type(e).__name__}: {e})") from e
+    except Exception as e:  # orbax / tensorstore / json raise many types for a damaged step
+      missing = step_problems(step_dir)
+      where = f"missing or empty: {', '.join(missing)}" if missing else f"{type(e).__name__}: {e}"
+      raise CheckpointError(f"checkpoint {step_dir} is damaged or unreadable ({where})") from e
     return out["state"]
+
+  def restore_latest(self, abstract_state: dict, data_iterator=None,
+                     warn: Callable[[str], None] = print) -> tuple[Optional[dict], Optional[int]]:
+    """The newest step that restores, falling back past damaged ones (each named in a warning);
+    (None, None) when there are no steps. All damaged: the newest step's error."""
+    steps = sorted(self.all_steps(), reverse=True)
+    first_error, damaged = None, []
+    for step in steps:
+      try:
+        state = self.restore(step, abstract_state, data_iterator)
+      except CheckpointError as e:
+        first_error = first_error or e
+        damaged.append(step)
+        warn(f"WARNING: {e}; trying the previous checkpoint")
+        continue
+      if damaged:
+        self._set_aside(damaged, warn)
+      return state, step
+    if first_error is not None:
+      raise CheckpointError(f"no checkpoint under {self.directory} restores (steps {steps}); newest: "
+                            f"{first_error}")
+    return None, None
+
+  def _set_aside(self, steps, warn) -> None:
+    """Renames damaged step folders to `<step>.damaged` (kept for inspection, out of orbax's way: the resumed
+    run saves those steps again), on process 0, then every process re-reads the step list."""
+    if jax.process_index() == 0:
+      for step in steps:
+        src = self.directory / str(step)
+        dst = self.directory / f"{step}.damaged"
+        if dst.exists():
+          dst.rmtree()
+        src.rename(dst)
+        warn(f"WARNING: moved the damaged checkpoint {src} to {dst}")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("lmfusion_damaged_checkpoints_set_aside")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()
@@ -65,7 +120,7 @@ def restore_params_only(directory, step: Optional[int], abstract_params: dict) -
 
   `directory` is the checkpoints folder (workdir/checkpoints). Returns (params, step).
   """
-  directory = epath.Path(directory)
+  directory = epath.Path(absolute_path(directory))
   mngr = ocp.CheckpointManager(directory, item_names=("state",),
                                options=ocp.CheckpointManagerOptions(read_only=True, create=False))
   step = mngr.latest_step() if step is None else step
@@ -78,6 +133,8 @@ def restore_params_only(directory, step: Optional[int], abstract_params: dict) -
   try:
     out = ckptr.restore(path, args=ocp.args.PyTreeRestore(
         item={"params": abstract_params}, restore_args={"params": restore_args}, partial_restore=True))
-  except (ValueError, KeyError, FileNotFoundError) as e:
-    raise CheckpointError(f"{path}: cannot restore parameters ({type(e).__name__}: {e})") from e
+  except Exception as e:  # orbax / tensorstore raise many types for damaged or foreign checkpoints
+    missing = step_problems(directory / str(step))
+    where = f"missing or empty: {', '.join(missing)}" if missing else f"{type(e).__name__}: {e}"
+    raise CheckpointError(f"checkpoint {directory / str(step)}: cannot restore the parameters ({where})") from e
   return out["params"], step

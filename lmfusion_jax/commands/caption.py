@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from lmfusion_jax.commands.arg_types import positive_int
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
   p.formatter_class = argparse.RawDescriptionHelpFormatter
@@ -19,9 +21,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--checkpoint", required=True,
                  help="training workdir, training step dir (WORKDIR/checkpoints/STEP) or params checkpoint")
   p.add_argument("--image", required=True, action="append", help="PNG/JPEG file; repeat for a batch")
-  p.add_argument("--max-new-tokens", type=int, default=32, help="caption length limit (default: %(default)s)")
+  p.add_argument("--max-new-tokens", type=positive_int, default=32, help="caption length limit (default: %(default)s)")
   p.add_argument("--tokenizer", default=None,
-                 help="tokenizer folder (default: the training run's data.tokenizer_dir)")
+                 help="tokenizer folder (default: the one that travels with the checkpoint)")
   p.add_argument("--vae", default=None, help="Flax VAE folder (convert-vae) for latent-space models")
   p.add_argument("--json", action="store_true",
                  help='print one JSON object per image: {"image", "caption", "tokens"}')
@@ -32,12 +34,17 @@ def run(args) -> int:
   from lmfusion_jax.data.tokenizer import load_tokenizer
   from lmfusion_jax.inference import caption, loading
   from lmfusion_jax.inference.image_files import latents_from_files
+  from lmfusion_jax.progress import Progress
 
+  # An explicit --tokenizer is checked before the (slow) parameter restore.
+  tokenizer = load_tokenizer(args.tokenizer) if args.tokenizer else None
   loaded = loading.load_model(args.checkpoint)
-  tokenizer = load_tokenizer(loading.tokenizer_dir_of(loaded, args.tokenizer))
+  tokenizer = tokenizer or load_tokenizer(loading.tokenizer_dir_of(loaded, args.tokenizer))
   vae = load_vae(args.vae)[1] if args.vae else None
   latents = latents_from_files(args.image, loaded.fusion, vae)
-  ids = caption.caption_latents(loaded.model(), latents, args.max_new_tokens)
+  with Progress(len(args.image), "caption", unit="image") as progress:
+    ids = caption.caption_latents(loaded.model(), latents, args.max_new_tokens)
+    progress.update(len(ids))
   for f, t in zip(args.image, ids):
     text = tokenizer.decode(t, skip_special_tokens=True).strip()
     print(json.dumps({"image": f, "caption": text, "tokens": t}) if args.json else f"{f}: {text}")

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 
+from lmfusion_jax.commands.arg_types import non_negative_int, output_file
+
 ACCEPTS_CONFIG_OVERRIDES = True
 
 
@@ -24,8 +26,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  help="training workdir, training step dir (WORKDIR/checkpoints/STEP) or params checkpoint")
   p.add_argument("--config", default=None,
                  help="config file (get_config), e.g. configs/tiny.py; default: the run's recorded config")
-  p.add_argument("--step", type=int, default=None, help="training step to evaluate (default: latest)")
-  p.add_argument("--output", default=None, help="also write the JSON to this file (atomically)")
+  p.add_argument("--step", type=non_negative_int, default=None, help="training step to evaluate (default: latest)")
+  p.add_argument("--output", default=None, type=output_file,
+                 help="also write the JSON to this file (atomically; missing parent folders are created). "
+                      "Checked before anything is computed: it must not be a folder or lie under a file")
 
 
 def run(args) -> int:
@@ -33,7 +37,7 @@ def run(args) -> int:
   from lmfusion_jax.evaluation.evaluate import evaluate, to_json
   result = evaluate(args.checkpoint, args.config, args.overrides, step=args.step)
   text = to_json(result)
+  print(text, flush=True)  # first, so the metrics are not lost if writing --output fails
   if args.output:
     write_text(args.output, text + "\n")
-  print(text)
   return 0

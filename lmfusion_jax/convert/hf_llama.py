@@ -15,18 +15,18 @@ for a single `model.safetensors`, a set of shards with `model.safetensors.index.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
-from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import ml_dtypes
 import numpy as np
 from etils import epath
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from lmfusion_jax.checkpoints.files import write_dir
 from lmfusion_jax.models.config import LlamaConfig
 from lmfusion_jax.models.llama import layer_param_shapes
 from lmfusion_jax.errors import UserError
@@ -141,7 +141,7 @@ class HFCheckpoint:
         raise ConversionError(f"{self.dir}: no *.safetensors files and no {INDEX_FILE} "
                               f"(only safetensors checkpoints are supported)")
       for fname in shards:
-        with safe_open(os.fspath(self.dir / fname), framework="numpy") as f:
+        with _open_safetensors(self.dir / fname) as f:
           for name in f.keys():
             if name in self.files:
               raise ConversionError(f"tensor {name!r} appears in both {self.files[name]} and {fname}")
@@ -155,7 +155,7 @@ class HFCheckpoint:
     if name not in self._headers:
       self._require(name)
       fname = self.files[name]
-      with safe_open(os.fspath(self.dir / fname), framework="numpy") as f:
+      with _open_safetensors(self.dir / fname) as f:
         for n in f.keys():
           sl = f.get_slice(n)
           self._headers[n] = (tuple(sl.get_shape()), sl.get_dtype())
@@ -182,8 +182,8 @@ class HFCheckpoint:
   def read(self, name: str) -> np.ndarray:
     """One tensor as a numpy array (the file is mapped only during this call)."""
     self._require(name)
-    with safe_open(os.fspath(self.dir / self.files[name]), framework="numpy") as f:
-      return f.get_tensor(name)
+    with _open_safetensors(self.dir / self.files[name]) as f:
+      return self._check_finite(name, f.get_tensor(name), ())
 
   def read_rows(self, name: str, start: int, stop: int) -> np.ndarray:
     """Rows [start, stop) of a tensor (see `read_slice`)."""
@@ -193,8 +193,22 @@ class HFCheckpoint:
     """The box `index` (slices, leading dims) of a tensor; the file is mapped only during this call, so
     reading a large tensor box by box keeps at most one box of the file resident."""
     self._require(name)
-    with safe_open(os.fspath(self.dir / self.files[name]), framework="numpy") as f:
-      return f.get_slice(name)[index]
+    with _open_safetensors(self.dir / self.files[name]) as f:
+      return self._check_finite(name, f.get_slice(name)[index], index)
+
+  def _check_finite(self, name: str, values: np.ndarray, index: Tuple[slice, ...]) -> np.ndarray:
+    """`values` (the box `index` of tensor `name`) if every value is finite; else ConversionError naming the
+    tensor and the first bad element. Checked while streaming, so a broken checkpoint never converts."""
+    if values.dtype.kind in "fcV" and values.size:
+      bad = ~np.isfinite(values)
+      if bad.any():
+        first = np.argwhere(bad)[0]
+        starts = [s.start or 0 for s in index] + [0] * (len(first) - len(index))
+        where = tuple(int(i) + int(s) for i, s in zip(first, starts))
+        raise ConversionError(f"{self.dir / self.files[name]}: tensor {name!r} has {int(bad.sum())} NaN/Inf "
+                              f"value(s) in the part read (first at index {list(where)}); the checkpoint is "
+                              f"broken (re-download or re-export it)")
+    return values
 
   def read_box(self, rule: TensorRule, cfg: LlamaConfig, index: Tuple[slice, ...], dtype: str) -> np.ndarray:
     """The box `index` of our leaf `rule.ours` (layers stacked) in `dtype`, read from only the parts of the
@@ -237,6 +251,18 @@ class HFCheckpoint:
     for r in range(0, shape[0], step):
       block = self.read_rows(name, r, min(r + step, shape[0]))
       target[r:r + block.shape[0]] = block.reshape(block.shape[0], -1)
+
+@contextlib.contextmanager
+def _open_safetensors(path):
+  """safe_open(path) for numpy; a truncated or non-safetensors file raises ConversionError naming it."""
+  try:
+    f = safe_open(os.fspath(path), framework="numpy")
+  except (SafetensorError, OSError) as e:
+    raise ConversionError(f"{path}: not a readable safetensors file ({e}); the file is truncated, "
+                          f"corrupt or in another format (re-download or re-export it)") from e
+  with f:
+    yield f
+
 
 def _flat_indices(index: Tuple[slice, ...], dims: Tuple[int, ...]) -> np.ndarray:
   """Row-major flat indices (ascending) of the box `index` of an array of shape `dims`."""
@@ -323,117 +349,3 @@ def load_hf_text_params(hf_dir, dtype: Optional[str] = None) -> Tuple[LlamaConfi
   dtype = dtype or checkpoint_dtype(ckpt, cfg)
   cfg = cfg.replace(param_dtype=dtype)
   return cfg, nest(dict(iter_text_leaves(ckpt, cfg, dtype)))
-
-
-# --- Writing ----------------------------------------------------------------------------------------------
-def hf_config_dict(cfg: LlamaConfig, dtype: str) -> dict:
-  """config.json for transformers' LlamaForCausalLM (both the 4.x and 5.x spellings of RoPE settings)."""
-  hf = cfg.to_hf_dict()
-  hf["torch_dtype"] = dtype
-  hf["dtype"] = dtype
-  rope = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-  if cfg.rope_scaling is not None:
-    rope.update(hf["rope_scaling"])
-  hf["rope_parameters"] = rope
-  return hf
-
-
-def iter_hf_tensors(cfg: LlamaConfig, get_leaf: Callable[[str], np.ndarray],
-                    dtype: Optional[str] = None) -> Iterator[Tuple[str, np.ndarray]]:
-  """Yields (HF name, HF-layout array), fetching one of our leaves at a time with `get_leaf(path)`."""
-  for rule in text_rules(cfg):
-    leaf = np.asarray(get_leaf(rule.ours))
-    want = text_param_shapes(cfg)[rule.ours]
-    if tuple(leaf.shape) != tuple(want):
-      raise ConversionError(f"leaf text/{rule.ours} has shape {list(leaf.shape)}, config implies {list(want)}")
-    if dtype is not None:
-      leaf = leaf.astype(NUMPY_DTYPES[dtype], copy=False)
-    shape = hf_shape(rule, cfg)
-    for i, name in enumerate(hf_names(rule, cfg)):
-      yield name, to_hf(rule, leaf[i] if rule.per_layer else leaf, shape)
-    del leaf
-
-
-ST_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-
-
-def plan_shards(cfg: LlamaConfig, dtype: str, max_shard_bytes: int) -> list:
-  """[[(HF name, shape), ...] per shard] in `iter_hf_tensors` order; a shard closes before it would
-  exceed max_shard_bytes (a single larger tensor gets a shard of its own)."""
-  itemsize = NUMPY_DTYPES[dtype].itemsize
-  shards, cur, cur_bytes = [], [], 0
-  for rule in text_rules(cfg):
-    shape = hf_shape(rule, cfg)
-    nbytes = math.prod(shape) * itemsize
-    for name in hf_names(rule, cfg):
-      if cur and cur_bytes + nbytes > max_shard_bytes:
-        shards.append(cur)
-        cur, cur_bytes = [], 0
-      cur.append((name, shape))
-      cur_bytes += nbytes
-  if cur:
-    shards.append(cur)
-  return shards
-
-
-class SafetensorsStreamWriter:
-  """Writes one .safetensors file tensor by tensor (header first, from the known names/shapes/dtype), so
-  the file's tensors are never all in memory. Same bytes layout as safetensors' own writer."""
-
-  def __init__(self, path, entries: Sequence[Tuple[str, Tuple[int, ...]]], dtype: str):
-    self.entries, self.dtype, self.next = list(entries), NUMPY_DTYPES[dtype], 0
-    header, offset = {"__metadata__": {"format": "pt"}}, 0
-    for name, shape in self.entries:
-      nbytes = math.prod(shape) * self.dtype.itemsize
-      header[name] = {"dtype": ST_DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
-      offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    self.f = epath.Path(path).open("wb")
-    self.f.write(len(raw).to_bytes(8, "little") + raw)
-
-  def write(self, name: str, arr: np.ndarray) -> None:
-    want, shape = self.entries[self.next]
-    if name != want or tuple(arr.shape) != tuple(shape) or arr.dtype != self.dtype:
-      raise ConversionError(f"safetensors writer: got {name} {arr.shape} {arr.dtype}, expected {want} {shape}")
-    self.f.write(np.ascontiguousarray(arr).reshape(-1).view(np.uint8).data)
-    self.next += 1
-
-  def close(self) -> None:
-    self.f.close()
-    if self.next != len(self.entries):
-      raise ConversionError(f"safetensors writer: {len(self.entries) - self.next} tensors were not written")
-
-
-def write_hf_checkpoint(out_dir, cfg: LlamaConfig, get_leaf: Callable[[str], np.ndarray],
-                        dtype: str, max_shard_bytes: int = 5 * 10**9, overwrite: bool = False) -> epath.Path:
-  """Writes a HF folder (config.json, generation_config.json, safetensors shards [+ index]) that
-  `transformers.LlamaForCausalLM.from_pretrained` loads, holding one of our leaves at a time. Written into
-  a temporary folder, then renamed."""
-  out = epath.Path(out_dir)
-  if out.exists() and not overwrite:
-    raise ConversionError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
-  shards = plan_shards(cfg, dtype, max_shard_bytes)
-  names = ([SINGLE_FILE] if len(shards) == 1 else
-           [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-
-  def fill(tmp):
-    tensors = iter_hf_tensors(cfg, get_leaf, dtype)
-    for fname, entries in zip(names, shards):
-      writer = SafetensorsStreamWriter(tmp / fname, entries, dtype)
-      for _ in entries:
-        writer.write(*next(tensors))
-      writer.close()
-    if next(tensors, None) is not None:
-      raise ConversionError("export: more tensors than planned")
-    if len(shards) > 1:
-      itemsize = NUMPY_DTYPES[dtype].itemsize
-      total = sum(math.prod(shape) * itemsize for entries in shards for _, shape in entries)
-      weight_map = {n: fname for fname, entries in zip(names, shards) for n, _ in entries}
-      index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-      (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
-    (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype), indent=2))
-    gen = {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "do_sample": False}
-    (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
-
-  return write_dir(out, fill, overwrite)

@@ -22,7 +22,7 @@ import numpy as np
 
 from lmfusion_jax.checkpoints import params as params_io
 from lmfusion_jax.checkpoints.files import CheckpointError
-from lmfusion_jax.convert import hf_llama
+from lmfusion_jax.convert import hf_export, hf_llama
 from lmfusion_jax.models import decoder, fusion
 from lmfusion_jax.models.config import ConfigError, FusionConfig, LlamaConfig
 
@@ -30,12 +30,20 @@ from lmfusion_jax.models.config import ConfigError, FusionConfig, LlamaConfig
 def convert(hf_dir, out, *, dtype: Optional[str] = None,
             fusion_cfg: Union[None, FusionConfig, Callable[[LlamaConfig], FusionConfig]] = None,
             seed: int = 0, overwrite: bool = False, chunk_mib: int = 64,
-            chunk_bytes: Optional[int] = None) -> tuple:
+            chunk_bytes: Optional[int] = None, progress_desc: Optional[str] = None) -> tuple:
   """Converts and writes; returns (LlamaConfig, FusionConfig | None, number of parameters written).
 
   `fusion_cfg` None writes the text branch only; a callable gets the checkpoint's LlamaConfig (to
   validate ids against the vocabulary) before anything is written. Stored chunks are `chunk_mib` MiB
-  (0: one per array), or exactly `chunk_bytes` bytes when given."""
+  (0: one per array), or exactly `chunk_bytes` bytes when given. `progress_desc` given: the MiB written are
+  reported (lmfusion_jax.progress) under that name."""
+  if isinstance(chunk_mib, bool) or not isinstance(chunk_mib, int) or chunk_mib < 0:
+    raise ConfigError(f"chunk_mib={chunk_mib!r} (--chunk-mib): expected an integer >= 0 (0 = one chunk per array)")
+  if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                                  or chunk_bytes < 1):
+    raise ConfigError(f"chunk_bytes={chunk_bytes!r}: expected an integer >= 1")
+  if dtype is not None and dtype not in hf_llama.NUMPY_DTYPES:
+    raise ConfigError(f"dtype={dtype!r} (--dtype): expected one of {sorted(hf_llama.NUMPY_DTYPES)}")
   ckpt = hf_llama.HFCheckpoint(hf_dir)
   cfg = hf_llama.read_config(hf_dir)
   hf_llama.validate(ckpt, cfg)
@@ -58,7 +66,9 @@ def convert(hf_dir, out, *, dtype: Optional[str] = None,
       # the LMFusion init: exact copies of the text leaves, written from the same chunks
       image["layers"] = {k: tree["text"]["layers"][k] for k in _image_layer_keys(fusion_cfg)}
     tree["image"] = image
-  with params_io.ParamsWriter(out, cfg, fusion_cfg, overwrite=overwrite, chunk_bytes=chunk_bytes) as w:
+  tokenizer = hf_dir if params_io.has_tokenizer(hf_dir) else None   # travels with the checkpoint
+  with params_io.ParamsWriter(out, cfg, fusion_cfg, overwrite=overwrite, chunk_bytes=chunk_bytes,
+                              progress_desc=progress_desc, tokenizer_dir=tokenizer) as w:
     w.write(tree)
   return cfg, fusion_cfg, params_io.count_params(tree)
 
@@ -91,16 +101,36 @@ def parse_size(text: str) -> int:
   return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
-def export(checkpoint, out, dtype=None, max_shard_bytes: int = 5 * 10**9, overwrite: bool = False):
-  """Returns (LlamaConfig, the dtype written)."""
-  cfg, _ = params_io.read_model_config(checkpoint)
-  meta = params_io.stored_metadata(checkpoint)
-  if "text" not in meta:
-    raise CheckpointError(f"{checkpoint}: no `text` branch to export")
-  dtype = dtype or str(np.dtype(meta["text"]["embed"].dtype))
+def export(checkpoint, out, dtype=None, max_shard_bytes: int = 5 * 10**9, overwrite: bool = False,
+           tokenizer_dir=None):
+  """The text branch of any kind of checkpoint (params checkpoint, training workdir or step dir) -> a HF
+  folder, with the tokenizer that travels with the checkpoint (or `tokenizer_dir`). A params checkpoint is
+  read one leaf at a time; a training checkpoint's text branch is restored whole on the host first.
+  Returns (LlamaConfig, the dtype written, the tokenizer folder copied or None)."""
+  from lmfusion_jax.checkpoints.resolve import resolve
+  from lmfusion_jax.inference import loading
+  kind, path, _ = resolve(checkpoint)
+  tokenizer_dir = tokenizer_dir or loading.checkpoint_tokenizer(checkpoint)
+  if kind == "params":
+    cfg, _ = params_io.read_model_config(path)
+    meta = params_io.stored_metadata(path)
+    if "text" not in meta:
+      raise CheckpointError(f"{path}: no `text` branch to export")
+    stored = str(np.dtype(meta["text"]["embed"].dtype))
+    get_leaf = lambda leaf: np.asarray(params_io.load_params(path, subtree=f"text/{leaf}"))
+  else:
+    cfg, text = loading.load_text(checkpoint)
+    text = jax.tree.map(np.asarray, text)
+    stored = str(text["embed"].dtype)
+
+    def get_leaf(leaf):
+      node = text
+      for part in leaf.split("/"):
+        node = node[part]
+      return node
+  dtype = dtype or stored
   if dtype not in hf_llama.NUMPY_DTYPES:
-    raise ConfigError(f"{checkpoint}: stored dtype {dtype!r} cannot be exported; pass --dtype")
-  get_leaf = lambda path: np.asarray(params_io.load_params(checkpoint, subtree=f"text/{path}"))
-  hf_llama.write_hf_checkpoint(out, cfg.replace(param_dtype=dtype), get_leaf, dtype,
-                               max_shard_bytes=max_shard_bytes, overwrite=overwrite)
-  return cfg, dtype
+    raise ConfigError(f"{path}: stored dtype {dtype!r} cannot be exported; pass --dtype")
+  hf_export.write_hf_checkpoint(out, cfg.replace(param_dtype=dtype), get_leaf, dtype,
+                                max_shard_bytes=max_shard_bytes, overwrite=overwrite, tokenizer_dir=tokenizer_dir)
+  return cfg, dtype, tokenizer_dir

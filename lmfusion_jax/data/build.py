@@ -8,6 +8,9 @@ host (or beforehand) into a shared `gs://` data dir; readers never build (except
 from __future__ import annotations
 
 from lmfusion_jax.data.tfds_quiet import quiet_download_config
+from lmfusion_jax.errors import UserError
+
+DATASETS = ("digits", "image_captions")
 
 
 def build_dataset(name: str, data_dir: str, **options):
@@ -16,17 +19,26 @@ def build_dataset(name: str, data_dir: str, **options):
   digits:          image_size in {8, 16, 32} (default 8).
   image_captions:  see `lmfusion_jax.data.tfds_image_captions.build_image_captions` (source_dir,
                    vae_dir, image_size, ...).
+  An unknown name or option is a UserError.
   """
   if name == "digits":
     from lmfusion_jax.data.tfds_digits import digits_builder
     image_size = options.pop("image_size", 8)
     if options:
-      raise TypeError(f"build_dataset('digits'): unknown option(s) {sorted(options)} (have: image_size)")
+      raise UserError(f"build_dataset('digits'): unknown option(s) {sorted(options)} (have: image_size)")
     builder = digits_builder(data_dir, image_size)
     builder.download_and_prepare(download_config=quiet_download_config())
     return builder
   if name == "image_captions":
+    import inspect
     from lmfusion_jax.data.tfds_image_captions import build_image_captions
+    known = [k for k in inspect.signature(build_image_captions).parameters if k != "data_dir"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+      raise UserError(f"build_dataset('image_captions'): unknown option(s) {unknown} (have: {', '.join(known)})")
+    missing = [k for k in ("source_dir", "vae_dir") if options.get(k) is None]
+    if missing:
+      raise UserError(f"build_dataset('image_captions'): missing option(s) {missing}")
     return build_image_captions(data_dir, **options)
-  raise ValueError(f"build_dataset: unknown dataset {name!r} (have 'digits', 'image_captions'; "
-                   f"'synthetic' needs no build)")
+  raise UserError(f"build_dataset: unknown dataset {name!r} (have 'digits', 'image_captions'; "
+                  f"'synthetic' needs no build)")

@@ -3,10 +3,13 @@
 Input folder:
   images (any format PIL reads, in subfolders too) and a caption file, either
     captions.jsonl   one {"file": "relative/path.jpg", "caption": "..."} per line, or
-    captions.csv     a header row with columns `file,caption`.
-Each image is converted to RGB, center-cropped to a square, resized to `image_size` (bicubic), mapped
-to [-1, 1] and encoded with the Flax VAE (`lmfusion_jax.models.vae.encode_latents`, posterior mean,
-batched and jitted; the last batch is padded so one program serves all batches). Records:
+    captions.csv     a header row with columns `file,caption`,
+  both UTF-8. A record's file must stay inside the folder (no absolute path, no `..` out, no symlink
+  resolving out); such records are refused when the captions are read, before anything is encoded.
+Each image is converted to 8-bit RGB (16-bit scaled, transparency composited onto white), center-cropped
+to a square, resized to `image_size` (bicubic), mapped to [-1, 1] and encoded with the Flax VAE
+(`lmfusion_jax.models.vae.encode_latents`, posterior mean, batched and jitted; the last batch is padded
+so one program serves all batches). Records:
   {"caption": str, "latent": float32[image_size / f, image_size / f, C], "id": file}
 An unreadable image raises BadImageError naming the file, or with on_bad_image="skip" is skipped;
 the skipped files are listed in the dataset's metadata (`builder.info.metadata["skipped_images"]`).
@@ -19,6 +22,7 @@ import csv
 import hashlib
 import json
 import os
+import posixpath
 from typing import Optional
 
 import numpy as np
@@ -41,51 +45,97 @@ class CaptionsFileError(UserError):
   """The captions file is missing or malformed; the message names the file and line."""
 
 
-def read_captions(source_dir) -> list:
-  """[(relative file, caption)] from captions.jsonl or captions.csv in `source_dir`, in file order."""
-  source_dir = epath.Path(source_dir)
+def _decode(path: epath.Path) -> str:
+  """The text of a captions file: UTF-8 (a leading byte-order mark is dropped), else CaptionsFileError."""
+  data = path.read_bytes()
+  try:
+    return data.decode("utf-8-sig")
+  except UnicodeDecodeError as e:
+    line = data[:e.start].count(b"\n") + 1
+    raise CaptionsFileError(f"{path}:{line}: not UTF-8 (byte {data[e.start]:#04x} at offset {e.start}); "
+                            f"save the captions file as UTF-8") from e
+
+
+def _read_records(source_dir: epath.Path) -> tuple:
+  """(captions file, [(line, file, caption)]) from captions.jsonl or captions.csv, in file order."""
   jsonl, csv_path = source_dir / "captions.jsonl", source_dir / "captions.csv"
-  entries = []
+  records = []
   if jsonl.exists():
-    for n, line in enumerate(jsonl.read_text().splitlines(), start=1):
+    for n, line in enumerate(_decode(jsonl).splitlines(), start=1):
       if not line.strip():
         continue
       try:
         obj = json.loads(line)
-        entries.append((str(obj["file"]), str(obj["caption"])))
+        records.append((n, str(obj["file"]), str(obj["caption"])))
       except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise CaptionsFileError(f"{jsonl}:{n}: expected {{\"file\": ..., \"caption\": ...}} ({e!r})") from e
-  elif csv_path.exists():
-    rows = csv.DictReader(csv_path.read_text().splitlines())
+    return jsonl, records
+  if csv_path.exists():
+    rows = csv.DictReader(_decode(csv_path).splitlines())
     if rows.fieldnames is None or not {"file", "caption"} <= set(rows.fieldnames):
       raise CaptionsFileError(f"{csv_path}: header must have columns 'file' and 'caption', "
                               f"got {rows.fieldnames}")
     for n, row in enumerate(rows, start=2):
       if row["file"] is None or row["caption"] is None:
         raise CaptionsFileError(f"{csv_path}:{n}: missing 'file' or 'caption'")
-      entries.append((row["file"], row["caption"]))
-  else:
-    raise CaptionsFileError(f"{source_dir}: no captions.jsonl or captions.csv")
-  if not entries:
-    raise CaptionsFileError(f"{source_dir}: the captions file lists no images")
+      records.append((n, row["file"], row["caption"]))
+    return csv_path, records
+  raise CaptionsFileError(f"{source_dir}: no captions.jsonl or captions.csv")
+
+
+def _escapes(source_dir: epath.Path, file: str) -> Optional[str]:
+  """Why `file` (a record's path) points outside `source_dir`, or None if it stays inside.
+
+  Lexically: absolute paths and `..` that climbs out; on a local disk also after resolving symlinks (a
+  file or folder symlink may point anywhere inside the source folder, but not out of it).
+  """
+  if posixpath.isabs(file) or os.path.isabs(file):
+    return "an absolute path"
+  norm = posixpath.normpath(file.replace(os.sep, "/"))
+  if norm == ".." or norm.startswith("../"):
+    return "'..' leads out of the source folder"
+  root = os.fspath(source_dir)
+  if "://" in root:   # gs:// and other remote stores have no symlinks
+    return None
+  real_root, real = os.path.realpath(root), os.path.realpath(os.path.join(root, file))
+  if os.path.commonpath([real_root, real]) != real_root:
+    return f"a symlink resolves to {real}, outside the source folder"
+  return None
+
+
+def read_captions(source_dir) -> list:
+  """[(relative file, caption)] from captions.jsonl or captions.csv in `source_dir`, in file order.
+
+  Every record is checked here, before any image is read: its file must lie inside `source_dir`
+  (CaptionsFileError naming the captions file, line and record otherwise) and be listed once.
+  """
+  source_dir = epath.Path(source_dir)
+  path, records = _read_records(source_dir)
+  if not records:
+    raise CaptionsFileError(f"{path}: the captions file lists no images")
   seen = set()
-  for f, _ in entries:
+  for n, f, _ in records:
+    why = _escapes(source_dir, f)
+    if why:
+      raise CaptionsFileError(f"{path}:{n}: record file {f!r} is refused: {why}")
     if f in seen:
-      raise CaptionsFileError(f"{source_dir}: image {f!r} is listed twice")
+      raise CaptionsFileError(f"{path}:{n}: image {f!r} is listed twice")
     seen.add(f)
-  return entries
+  return [(f, caption) for _, f, caption in records]
 
 
 def load_image(path, image_size: int) -> np.ndarray:
-  """Image file -> float32 [image_size, image_size, 3] in [-1, 1] (RGB, center crop, bicubic)."""
+  """Image file -> float32 [image_size, image_size, 3] in [-1, 1] (8-bit RGB via
+  `inference.image_files.to_8bit`: 16-bit scaled, transparency on white; center crop, bicubic)."""
   from PIL import Image
+  from lmfusion_jax.inference.image_files import to_8bit
   try:
     with epath.Path(path).open("rb") as f:
       img = Image.open(f)
       img.load()
   except Exception as e:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError ...)
     raise BadImageError(f"image {path}: cannot be read ({type(e).__name__}: {e})") from e
-  img = img.convert("RGB")
+  img = to_8bit(img, "RGB")
   w, h = img.size
   s = min(w, h)
   left, top = (w - s) // 2, (h - s) // 2
@@ -224,6 +274,7 @@ def build_image_captions(data_dir, *, source_dir, vae_dir, image_size: int = 256
       raise UserError(f"{existing} was built from other inputs (fingerprint {stored}, now {fingerprint}); "
                        f"use another config_name or data_dir, or delete it")
     return image_captions_reader(data_dir, name)
+  read_captions(source_dir)   # every record checked before the VAE is loaded (again when the splits are made)
   config = ImageCaptionsConfig(name=name, source_dir=os.fspath(source_dir), vae_dir=os.fspath(vae_dir),
                                image_size=image_size, batch_size=batch_size, on_bad_image=on_bad_image,
                                test_size=test_size, fingerprint=fingerprint)

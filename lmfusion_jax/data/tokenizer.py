@@ -61,12 +61,18 @@ def load_tokenizer(tokenizer_dir: str):
   """Loads an HF tokenizer folder (a real Llama-3 one or one written by `train_tokenizer`)."""
   from transformers import AutoTokenizer
   if not os.path.isdir(os.fspath(tokenizer_dir)):
-    raise TokenizerError(f"tokenizer folder {tokenizer_dir!r} does not exist (expected a local Hugging Face "
+    what = "is a file, not a folder" if os.path.exists(os.fspath(tokenizer_dir)) else "does not exist"
+    raise TokenizerError(f"tokenizer folder {tokenizer_dir!r} {what} (expected a local Hugging Face "
                          f"tokenizer folder)")
   try:
     return AutoTokenizer.from_pretrained(os.fspath(tokenizer_dir), local_files_only=True)
-  except (OSError, ValueError) as e:
-    raise TokenizerError(f"tokenizer folder {tokenizer_dir!r}: cannot load a tokenizer: {e}") from e
+  except Exception as e:  # pylint: disable=broad-except
+    # transformers / tokenizers raise many types (OSError, ValueError, KeyError, the Rust `Exception`) for a
+    # folder that holds no usable tokenizer; all of them are about this folder. One line, first sentence.
+    reason = " ".join(str(e).split())
+    reason = reason if len(reason) <= 200 else reason[:200] + " ..."
+    raise TokenizerError(f"tokenizer folder {tokenizer_dir!r} holds no loadable Hugging Face tokenizer "
+                         f"({type(e).__name__}: {reason})") from e
 
 
 def special_ids(tokenizer) -> dict:

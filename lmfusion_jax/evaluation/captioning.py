@@ -18,7 +18,7 @@ class Captioning:
     ev = s.cfg.eval
     latents = np.stack([r["latent"] for r in s.records])
     captions = caption_images(s.model, s.tokenizer, latents, max_new_tokens=int(ev.caption_max_new_tokens),
-                              batch_size=int(ev.batch_size))
+                              batch_size=int(ev.batch_size), progress_desc="eval captioning")
     refs = {i: eval_sets.references(s.cfg.data.dataset, r) for i, r in enumerate(s.records)}
     out = {"cider_d": metrics.cider_d(dict(enumerate(captions)), refs)[0]}
     if all(r["label"] is not None for r in s.records):

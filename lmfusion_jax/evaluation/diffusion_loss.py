@@ -13,15 +13,18 @@ from lmfusion_jax.data.packing import empty_row, pack_documents
 from lmfusion_jax.data.sequences import layout_document
 from lmfusion_jax.evaluation.setup import EvalSetup, batch_rows, stack_batches
 from lmfusion_jax.inference.sampler import latent_shape
+from lmfusion_jax.progress import Progress
 from lmfusion_jax.training import step as ts
 
 
 def diffusion_losses(params, spec: ts.StepSpec, batches: list, timesteps: Sequence[int], noise_seed: int,
-                     mesh) -> dict:
-  """{t: mean eps-MSE over the valid images of `batches` at timestep t}; noise from (noise_seed, batch)."""
+                     mesh, progress_desc: str = "") -> dict:
+  """{t: mean eps-MSE over the valid images of `batches` at timestep t}; noise from (noise_seed, batch).
+  Batches done (over all timesteps) are reported under `progress_desc` when given."""
   step = jax.jit(ts.make_eval_step(spec))
   out = {}
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), Progress(len(batches) * len(timesteps), progress_desc, "batch",
+                                    enabled=None if progress_desc else False) as progress:
     gbatches = [global_batch(b, mesh) for b in batches]
     for t in timesteps:
       total, count = 0.0, 0.0
@@ -30,6 +33,7 @@ def diffusion_losses(params, spec: ts.StepSpec, batches: list, timesteps: Sequen
         m = step(params, b, jax.random.fold_in(jax.random.key(noise_seed), i), tt)
         total += float(m["image_loss"]) * float(m["images"])
         count += float(m["images"])
+        progress.update(1, t=int(t))
       out[int(t)] = total / max(count, 1.0)
   return out
 
@@ -48,7 +52,8 @@ class DiffusionLoss:
                                                                           shape))
     spec = ts.StepSpec(lm.llama, lm.fusion, lm.diffusion, ("image",), 1)
     timesteps = sorted({min(int(t), lm.diffusion.num_timesteps - 1) for t in s.cfg.eval.timesteps})
-    losses = diffusion_losses(lm.params, spec, batches, timesteps, int(s.cfg.eval.noise_seed), lm.mesh)
+    losses = diffusion_losses(lm.params, spec, batches, timesteps, int(s.cfg.eval.noise_seed), lm.mesh,
+                              "eval diffusion_loss")
     out = {f"diffusion_loss_t{t}": v for t, v in losses.items()}
     out["diffusion_loss_mean"] = float(np.mean(list(losses.values())))
     return out

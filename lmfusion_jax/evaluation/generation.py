@@ -15,17 +15,20 @@ from lmfusion_jax.evaluation.setup import EvalSetup, read_records
 from lmfusion_jax.inference.image import generate_images
 from lmfusion_jax.inference.image_files import to_float_images
 from lmfusion_jax.models.config import ConfigError
+from lmfusion_jax.progress import Progress
 
 
 def sample_batched(model, prompt_ids: list, dcfg, ev, clip_x0, pad_id: int) -> np.ndarray:
   """Latents for every prompt, in batches of eval.batch_size (last batch padded: one compilation)."""
   out = []
-  for start, (chunk, real) in zip(range(0, len(prompt_ids), int(ev.batch_size)),
-                                  padded_chunks(prompt_ids, int(ev.batch_size))):
-    lat = generate_images(model, chunk, dcfg, num_steps=int(ev.sampling_steps), sampler=ev.sampler,
-                          cfg_scale=float(ev.cfg_scale), seed=int(ev.seed) + start, eta=float(ev.eta),
-                          clip_x0=clip_x0, pad_id=pad_id)
-    out.append(np.asarray(lat)[:real])
+  with Progress(len(prompt_ids), "eval generation", unit="image") as progress:
+    for start, (chunk, real) in zip(range(0, len(prompt_ids), int(ev.batch_size)),
+                                    padded_chunks(prompt_ids, int(ev.batch_size))):
+      lat = generate_images(model, chunk, dcfg, num_steps=int(ev.sampling_steps), sampler=ev.sampler,
+                            cfg_scale=float(ev.cfg_scale), seed=int(ev.seed) + start, eta=float(ev.eta),
+                            clip_x0=clip_x0, pad_id=pad_id)
+      out.append(np.asarray(lat)[:real])
+      progress.update(real)
   return np.concatenate(out)
 
 

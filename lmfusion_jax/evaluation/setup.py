@@ -36,10 +36,11 @@ def default_eval_config() -> ml_collections.ConfigDict:
       batch_size=32,              # rows per captioning / sampling batch
       samples_per_class=10,       # labelled datasets: generated images per class
       num_generated=64,           # unlabelled datasets: generated images (prompts = eval captions)
-      sampling_steps=50,
-      sampler="ddim",
-      cfg_scale=1.0,
-      eta=0.0,
+      # "" / -1: the run's `sampling` section (what `sample` uses by default; run_config.sampling_defaults)
+      sampling_steps=-1,
+      sampler="",
+      cfg_scale=-1.0,
+      eta=-1.0,
       clip_x0=-1.0,               # < 0: auto (1.0 for pixel datasets, off with a VAE); 0: off
       seed=0,
       vae_dir="",                 # Flax VAE folder (save_vae) for latent datasets; "" = pixel-space latents
@@ -70,7 +71,23 @@ def resolve_config(loaded: loading.LoadedModel, config=None, overrides: Sequence
     cfg = load_config(config)
   else:
     cfg = config
-  return apply_overrides(with_eval_section(cfg), overrides)
+  cfg = apply_overrides(with_eval_section(cfg), overrides)
+  fill_sampling(cfg, loaded.run_config)
+  return cfg
+
+
+def fill_sampling(cfg, run_config=None) -> None:
+  """eval.sampler / sampling_steps / cfg_scale / eta left open ("" / -1) take the run's sampling defaults:
+  those of the evaluated run (its run_config.json), else of `cfg` itself, else base_config()'s."""
+  from lmfusion_jax.run_config import sampling_defaults
+  base = sampling_defaults(run_config if run_config is not None else cfg.to_dict())
+  ev = cfg.eval
+  with ev.ignore_type():
+    if not ev.sampler:
+      ev.sampler = base["sampler"]
+    for field, key in (("sampling_steps", "steps"), ("cfg_scale", "cfg_scale"), ("eta", "eta")):
+      if ev[field] < 0:
+        ev[field] = type(ev[field])(base[key])
 
 
 def read_records(data_cfg, split: str, limit: Optional[int] = None) -> list:
@@ -127,6 +144,8 @@ def prepare(checkpoint, config=None, overrides: Sequence[str] = (), *, mesh=None
   loaded = loading.load_model(checkpoint, mesh=mesh, step=step)
   cfg = resolve_config(loaded, config, overrides)
   ev, data = cfg.eval, cfg.data
+  if loaded.tokenizer_dir and (config is None or not data.tokenizer_dir):
+    data.tokenizer_dir = loaded.tokenizer_dir   # the tokenizer that travels with the checkpoint
   if not data.tokenizer_dir:
     raise ConfigError("data.tokenizer_dir is empty: set --config.data.tokenizer_dir=DIR")
   tokenizer = load_tokenizer(data.tokenizer_dir)

@@ -15,11 +15,13 @@ from lmfusion_jax.evaluation.setup import EvalSetup, batch_rows, stack_batches
 from lmfusion_jax.models import sharded
 from lmfusion_jax.models.config import ConfigError
 from lmfusion_jax.models.inputs import TextInputs
+from lmfusion_jax.progress import Progress
 from lmfusion_jax.training.losses import lm_loss
 
 
-def text_nll(params, lcfg, fcfg, batches: list, mesh) -> tuple[float, int]:
-  """(mean NLL per target token, number of target tokens) with a text-only forward."""
+def text_nll(params, lcfg, fcfg, batches: list, mesh, progress_desc: str = "") -> tuple[float, int]:
+  """(mean NLL per target token, number of target tokens) with a text-only forward; batches done are
+  reported under `progress_desc` when given."""
 
   @jax.jit
   def nll(params, b):
@@ -28,14 +30,17 @@ def text_nll(params, lcfg, fcfg, batches: list, mesh) -> tuple[float, int]:
     return total, n
 
   total, count = 0.0, 0.0
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), Progress(len(batches), progress_desc, "batch",
+                                    enabled=None if progress_desc else False) as progress:
     for b in batches:
       t, n = nll(params, global_batch(b, mesh))
       total, count = total + float(t), count + float(n)
+      progress.update(1)
   return total / max(count, 1.0), int(count)
 
 
-def held_out_text_metrics(params, lcfg, fcfg, data_cfg, caption_ids: Sequence[Sequence[int]], mesh) -> dict:
+def held_out_text_metrics(params, lcfg, fcfg, data_cfg, caption_ids: Sequence[Sequence[int]], mesh,
+                          progress_desc: str = "") -> dict:
   """text_nll / text_perplexity / text_tokens of `BOS caption EOS` documents (text-only forward)."""
   text_len = int(data_cfg.text_len)
   docs = []
@@ -45,7 +50,8 @@ def held_out_text_metrics(params, lcfg, fcfg, data_cfg, caption_ids: Sequence[Se
     docs.append(text_document(str(i), [lcfg.bos_id, *ids, lcfg.eos_id]))
   rows = [{k: r[k] for k in TEXT_KEYS} for r in pack_documents(docs, text_len, 0, (1, 1, 1))]
   empty = {k: v for k, v in empty_row(text_len, 0, (1, 1, 1)).items() if k in TEXT_KEYS}
-  nll, n_tok = text_nll(params, lcfg, fcfg, stack_batches(rows, batch_rows(data_cfg, mesh), empty), mesh)
+  nll, n_tok = text_nll(params, lcfg, fcfg, stack_batches(rows, batch_rows(data_cfg, mesh), empty), mesh,
+                        progress_desc)
   return {"text_nll": nll, "text_perplexity": math.exp(nll), "text_tokens": n_tok}
 
 
@@ -57,4 +63,5 @@ class TextNLL:
 
   def run(self, s: EvalSetup) -> dict:
     lm = s.loaded
-    return held_out_text_metrics(lm.params, lm.llama, lm.fusion, s.cfg.data, s.caption_ids, lm.mesh)
+    return held_out_text_metrics(lm.params, lm.llama, lm.fusion, s.cfg.data, s.caption_ids, lm.mesh,
+                                 "eval text_nll")

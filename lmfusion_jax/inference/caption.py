@@ -22,6 +22,7 @@ from flax import nnx
 from lmfusion_jax.data.batch import padded_chunks
 from lmfusion_jax.inference.sampler import Sampler, clean_images, image_prefix, latent_shape, trim_at_eos
 from lmfusion_jax.models.inputs import TextInputs
+from lmfusion_jax.progress import Progress
 from lmfusion_jax.errors import UserError
 
 
@@ -90,12 +91,16 @@ def caption_latents(model, latents, max_new_tokens: int = 32, *, use_cache: bool
   return trim_at_eos(out, eos)
 
 
-def caption_images(model, tokenizer, latents, *, max_new_tokens: int = 32, batch_size: int = 32) -> List[str]:
+def caption_images(model, tokenizer, latents, *, max_new_tokens: int = 32, batch_size: int = 32,
+                   progress_desc: Optional[str] = None) -> List[str]:
   """Caption strings for latents [N, H, W, C], in batches of `batch_size` (the last one padded with zeros, so
-  one compilation serves all batches). Special tokens are dropped from the decoded text."""
+  one compilation serves all batches). Special tokens are dropped from the decoded text. `progress_desc`
+  given: images done are reported per batch under that name (lmfusion_jax.progress)."""
   latents = np.asarray(check_latents(latents, model.fcfg))
   out = []
-  for chunk, real in padded_chunks(list(latents), batch_size, np.zeros_like(latents[0])):
-    ids = caption_latents(model, np.stack(chunk), max_new_tokens)[:real]
-    out.extend(tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids)
+  with Progress(len(latents), progress_desc or "", "image", enabled=None if progress_desc else False) as p:
+    for chunk, real in padded_chunks(list(latents), batch_size, np.zeros_like(latents[0])):
+      ids = caption_latents(model, np.stack(chunk), max_new_tokens)[:real]
+      out.extend(tokenizer.decode(t, skip_special_tokens=True).strip() for t in ids)
+      p.update(real)
   return out

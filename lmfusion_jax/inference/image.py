@@ -17,6 +17,7 @@ and runs N rows only).
 from __future__ import annotations
 
 import functools
+import math
 from typing import Optional, Sequence
 
 import jax
@@ -64,16 +65,22 @@ def _sample_recompute(graphdef, state, tokens, segment_ids, positions, image_pos
 def generate_images(model, prompts: Sequence[Sequence[int]], diffusion_cfg, *, num_steps: int = 250,
                     sampler: str = "ddpm", cfg_scale: float = 1.0, seed: int = 0, eta: float = 0.0,
                     clip_x0: Optional[float] = None, use_cache: bool = True,
-                    pad_id: int = 0) -> jax.Array:
+                    pad_id: int = 0, progress=None) -> jax.Array:
   """One image per prompt (caption token ids, no special tokens); returns latents float32 [N, H, W, C].
 
   sampler "ddpm" (ancestral, respaced to `num_steps` of the training schedule; the paper uses 250) or "ddim"
   (deterministic for eta = 0). `seed` fixes the initial noise and every step's noise. `clip_x0` clips the
-  predicted clean latent (1.0 suits pixel-space data in [-1, 1]; None for VAE latents).
+  predicted clean latent (1.0 suits pixel-space data in [-1, 1]; None for VAE latents). `progress` (a
+  lmfusion_jax.progress.Progress) is advanced by the number of prompts once their images are done (all
+  denoising steps run in one compiled loop).
   """
   if not prompts:
     raise UserError("generate_images: no prompts")
   check_sampler(sampler, num_steps, diffusion_cfg, eta)
+  if not math.isfinite(cfg_scale):
+    raise UserError(f"cfg_scale={cfg_scale}: the guidance scale must be a finite number")
+  if clip_x0 is not None and not (math.isfinite(clip_x0) and clip_x0 > 0):
+    raise UserError(f"clip_x0={clip_x0}: must be a finite number > 0 (or None for no clipping)")
   lcfg, fcfg = model.lcfg, model.fcfg
   if fcfg.boi_id < 0 or lcfg.bos_id < 0:
     raise UserError(f"generate_images: the model config has no BOS/BOI ids (bos_id={lcfg.bos_id}, "
@@ -87,6 +94,13 @@ def generate_images(model, prompts: Sequence[Sequence[int]], diffusion_cfg, *, n
     raise UserError(f"generate_images: prompt + image need {longest} positions > model.max_seq_len="
                      f"{lcfg.max_seq_len}")
   tokens, segs, pos, image_pos = prefix_arrays(rows, pad_id)
+  if progress is not None:
+    out = generate_images(model, prompts, diffusion_cfg, num_steps=num_steps, sampler=sampler,
+                          cfg_scale=cfg_scale, seed=seed, eta=eta, clip_x0=clip_x0, use_cache=use_cache,
+                          pad_id=pad_id)
+    out = jax.block_until_ready(out)
+    progress.update(len(prompts))
+    return out
   if not use_cache:
     return _sample_recompute(*nnx.split(model), tokens, segs, pos, image_pos, jax.random.key(seed),
                              jnp.float32(cfg_scale), jnp.float32(eta), dcfg=diffusion_cfg, num_steps=num_steps,

@@ -92,8 +92,36 @@ def write_samples(images: np.ndarray, out_dir, prefix: str = "sample", scale: in
   return {"images": paths, "contact_sheet": sheet}
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+BACKGROUND = (255, 255, 255, 255)   # transparent pixels are composited onto white
+
+
+def to_8bit(img, mode: str):
+  """Any PIL image -> a PIL image in `mode` ("L" grey or "RGB") with 8-bit values: the one place that
+  turns files into pixels, for the sampler/captioner inputs and the image_captions dataset.
+
+  16-bit grey ("I;16", "I;16B", ...) and 32-bit integer "I" (taken as 16-bit data, clipped to 0..65535)
+  become round(v / 257) = round(v * 255 / 65535): the nearest 8-bit level, the exact inverse of the usual
+  8 -> 16 bit expansion (k * 257). (PIL's own convert clips them at 255: all white.) 16-bit RGB(A) PNGs
+  already arrive as 8-bit RGB(A) from PIL's decoder, which keeps the high byte (v >> 8, at most one level
+  below v / 257). Transparency (RGBA, LA, PA, P or L/RGB with a transparent colour) is composited onto
+  white with PIL's `Image.alpha_composite`, never dropped.
+  """
+  from PIL import Image
+  if mode not in ("L", "RGB"):
+    raise ValueError(f"to_8bit: mode must be 'L' or 'RGB', got {mode!r}")
+  if img.mode in SIXTEEN_BIT_MODES:
+    v = np.clip(np.asarray(img).astype(np.int64), 0, 65535)            # [H, W]
+    img = Image.fromarray(((v + 128) // 257).astype(np.uint8), "L")    # round(v / 257); 257 is odd: no ties
+  if img.mode in ALPHA_MODES or "transparency" in img.info:
+    rgba = img.convert("RGBA")
+    img = Image.alpha_composite(Image.new("RGBA", rgba.size, BACKGROUND), rgba)
+  return img.convert(mode)
+
+
 def load_image(path: str, size: int, channels: int) -> np.ndarray:
-  """Image file -> float32 [size, size, channels] in [-1, 1] (area resize)."""
+  """Image file -> float32 [size, size, channels] in [-1, 1] (8-bit via `to_8bit`, then area resize)."""
   from PIL import Image
   try:
     img = Image.open(path)
@@ -103,7 +131,7 @@ def load_image(path: str, size: int, channels: int) -> np.ndarray:
   if channels not in (1, 3):
     raise UserError(f"--image {path}: the model has {channels} image channels; only 1 (grey) or 3 (RGB) "
                      f"can be read from an image file")
-  img = img.convert("L" if channels == 1 else "RGB")
+  img = to_8bit(img, "L" if channels == 1 else "RGB")
   if img.size != (size, size):
     img = img.resize((size, size), Image.Resampling.BOX)
   x = np.asarray(img, np.float32) / 127.5 - 1.0

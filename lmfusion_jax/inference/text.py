@@ -7,6 +7,7 @@ weights are used).
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence
 
 from lmfusion_jax.inference.sampler import Sampler, trim_at_eos
@@ -23,7 +24,7 @@ def generate(model, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
   """
   if max_new_tokens < 1:
     raise UserError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
-  if temperature < 0 or not 0 < top_p <= 1:
+  if not (math.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1):
     raise UserError(f"generate: need temperature >= 0 and 0 < top_p <= 1 (got {temperature}, {top_p})")
   sampler = Sampler(model)
   cfg = sampler.lcfg

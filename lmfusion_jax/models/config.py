@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 from typing import Any, Optional
 
 import jax.numpy as jnp
@@ -26,6 +28,33 @@ class ConfigError(UserError):
   """A configuration field has an unusable value; the message names the field."""
 
 
+def _is_int(value) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_int(name: str, value, minimum: Optional[int] = None) -> None:
+  """Raises ConfigError naming `name` unless `value` is an integer (not a bool) >= `minimum`."""
+  if not _is_int(value):
+    raise ConfigError(f"{name}={value!r}: expected an integer, got {type(value).__name__}")
+  if minimum is not None and value < minimum:
+    raise ConfigError(f"{name}={value}: must be >= {minimum}")
+
+
+def check_float(name: str, value, minimum: Optional[float] = None, strict: bool = False) -> None:
+  """Raises ConfigError naming `name` unless `value` is a finite number >= (or > with `strict`) `minimum`."""
+  if not (isinstance(value, numbers.Real) and not isinstance(value, bool)):
+    raise ConfigError(f"{name}={value!r}: expected a number, got {type(value).__name__}")
+  if not math.isfinite(value):
+    raise ConfigError(f"{name}={value}: must be finite")
+  if minimum is not None and (value <= minimum if strict else value < minimum):
+    raise ConfigError(f"{name}={value}: must be {'>' if strict else '>='} {minimum}")
+
+
+def _check_choice(name: str, value, choices) -> None:
+  if not isinstance(value, str) or value not in choices:
+    raise ConfigError(f"{name}={value!r}: expected one of {sorted(choices) if isinstance(choices, dict) else choices}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
   """Llama-3.1/3.2 "llama3" RoPE frequency scaling."""
@@ -33,6 +62,15 @@ class RopeScaling:
   low_freq_factor: float = 1.0
   high_freq_factor: float = 4.0
   original_max_position_embeddings: int = 8192
+
+  def __post_init__(self):
+    for name in ("factor", "low_freq_factor", "high_freq_factor"):
+      check_float(f"model.rope_scaling.{name}", getattr(self, name), minimum=0.0, strict=True)
+    check_int("model.rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings,
+              minimum=1)
+    if self.high_freq_factor <= self.low_freq_factor:
+      raise ConfigError(f"model.rope_scaling.high_freq_factor={self.high_freq_factor} must be greater than "
+                        f"model.rope_scaling.low_freq_factor={self.low_freq_factor}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,14 +97,21 @@ class LlamaConfig:
   attention_impl: str = "xla"     # see ATTENTION_IMPLS
 
   def __post_init__(self):
-    if self.param_dtype not in DTYPES:
-      raise ConfigError(f"model.param_dtype={self.param_dtype!r}: expected one of {sorted(DTYPES)}")
-    if self.dtype not in DTYPES:
-      raise ConfigError(f"model.dtype={self.dtype!r}: expected one of {sorted(DTYPES)}")
-    if self.remat_policy not in REMAT_POLICIES:
-      raise ConfigError(f"model.remat_policy={self.remat_policy!r}: expected one of {REMAT_POLICIES}")
-    if self.attention_impl not in ATTENTION_IMPLS:
-      raise ConfigError(f"model.attention_impl={self.attention_impl!r}: expected one of {ATTENTION_IMPLS}")
+    for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len"):
+      check_int(f"model.{name}", getattr(self, name), minimum=1)
+    check_int("model.bos_id", self.bos_id)
+    check_int("model.eos_id", self.eos_id)
+    check_float("model.norm_eps", self.norm_eps, minimum=0.0, strict=True)
+    check_float("model.rope_theta", self.rope_theta, minimum=0.0, strict=True)
+    for name in ("tie_embeddings", "scan_layers"):
+      if not isinstance(getattr(self, name), bool):
+        raise ConfigError(f"model.{name}={getattr(self, name)!r}: expected true or false")
+    if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+      raise ConfigError(f"model.rope_scaling={self.rope_scaling!r}: expected None or the llama3 scaling fields")
+    _check_choice("model.param_dtype", self.param_dtype, DTYPES)
+    _check_choice("model.dtype", self.dtype, DTYPES)
+    _check_choice("model.remat_policy", self.remat_policy, REMAT_POLICIES)
+    _check_choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
     if self.n_heads % self.n_kv_heads:
       raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
     if self.head_dim % 2:
@@ -94,29 +139,83 @@ class LlamaConfig:
   # --- Hugging Face config.json ------------------------------------------------------------
   @classmethod
   def from_hf_dict(cls, hf: dict, source: str = "config.json", **overrides) -> "LlamaConfig":
-    """Builds a config from a HF LlamaConfig dict; unknown rope types raise naming the field."""
+    """Builds a config from a HF LlamaConfig dict; a missing, mistyped or out-of-range field (or an
+    unknown rope type) raises ConfigError naming `source` and the field."""
+    if not isinstance(hf, dict):
+      raise ConfigError(f"{source}: expected a JSON object, got {type(hf).__name__}")
+
     def need(key):
       if key not in hf:
         raise ConfigError(f"{source}: missing field {key!r}")
       return hf[key]
+
+    def as_int(field, value, minimum=None):
+      if isinstance(value, float) and value.is_integer():
+        value = int(value)
+      if not isinstance(value, int) or isinstance(value, bool) or (minimum is not None and value < minimum):
+        want = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise ConfigError(f"{source}: field {field!r}={value!r}: expected {want}")
+      return value
+
+    def as_float(field, value):
+      if (not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value)
+          or value <= 0):
+        raise ConfigError(f"{source}: field {field!r}={value!r}: expected a finite number > 0")
+      return float(value)
+
+    def optional(key):
+      return hf.get(key) if hf.get(key) is not None else None
+
     scaling = None
     rs = hf.get("rope_scaling") or None
     # transformers 5 moved rope settings into "rope_parameters"; accept both spellings.
     rp = hf.get("rope_parameters") or None
+    rs_field = "rope_scaling"
+    if rp is not None and not isinstance(rp, dict):
+      raise ConfigError(f"{source}: field 'rope_parameters'={rp!r}: expected an object")
     if rs is None and rp is not None and rp.get("rope_type", "default") != "default":
-      rs = rp
-    rope_theta = hf.get("rope_theta", (rp or {}).get("rope_theta", 10000.0))
+      rs, rs_field = rp, "rope_parameters"
+    rope_theta = as_float("rope_theta", hf.get("rope_theta", (rp or {}).get("rope_theta", 10000.0)))
     if rs is not None:
+      if not isinstance(rs, dict):
+        raise ConfigError(f"{source}: field {rs_field!r}={rs!r}: expected an object")
       rtype = rs.get("rope_type", rs.get("type"))
       if rtype not in SUPPORTED_ROPE_TYPES:
-        raise ConfigError(f"{source}: unsupported rope_scaling type {rtype!r} in field 'rope_scaling' "
+        raise ConfigError(f"{source}: unsupported rope_scaling type {rtype!r} in field {rs_field!r} "
                           f"(supported: {', '.join(SUPPORTED_ROPE_TYPES)})")
       if rtype == "llama3":
-        scaling = RopeScaling(factor=float(rs["factor"]), low_freq_factor=float(rs["low_freq_factor"]),
-                              high_freq_factor=float(rs["high_freq_factor"]),
-                              original_max_position_embeddings=int(rs["original_max_position_embeddings"]))
-    n_heads = int(need("num_attention_heads"))
-    dim = int(need("hidden_size"))
+        missing = [k for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+                   if rs.get(k) is None]
+        if missing:
+          raise ConfigError(f"{source}: field {rs_field!r} of type 'llama3' is missing "
+                            f"{', '.join(f'{rs_field}.{k}' for k in missing)}")
+        low = as_float(f"{rs_field}.low_freq_factor", rs["low_freq_factor"])
+        high = as_float(f"{rs_field}.high_freq_factor", rs["high_freq_factor"])
+        if high <= low:
+          raise ConfigError(f"{source}: field '{rs_field}.high_freq_factor'={high} must be greater than "
+                            f"'{rs_field}.low_freq_factor'={low}")
+        scaling = RopeScaling(factor=as_float(f"{rs_field}.factor", rs["factor"]), low_freq_factor=low,
+                              high_freq_factor=high,
+                              original_max_position_embeddings=as_int(
+                                  f"{rs_field}.original_max_position_embeddings",
+                                  rs["original_max_position_embeddings"], minimum=1))
+    n_heads = as_int("num_attention_heads", need("num_attention_heads"), minimum=1)
+    dim = as_int("hidden_size", need("hidden_size"), minimum=1)
+    kv = optional("num_key_value_heads")
+    n_kv_heads = n_heads if kv is None else as_int("num_key_value_heads", kv, minimum=1)
+    if n_heads % n_kv_heads:
+      raise ConfigError(f"{source}: field 'num_attention_heads'={n_heads} is not a multiple of "
+                        f"'num_key_value_heads'={n_kv_heads}")
+    hd = optional("head_dim")
+    if hd is None:
+      if dim % n_heads:
+        raise ConfigError(f"{source}: field 'hidden_size'={dim} is not a multiple of "
+                          f"'num_attention_heads'={n_heads} and there is no 'head_dim'")
+      head_dim = dim // n_heads
+    else:
+      head_dim = as_int("head_dim", hd, minimum=1)
+    if head_dim % 2:
+      raise ConfigError(f"{source}: head_dim={head_dim} must be even for RoPE")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
       raise ConfigError(f"{source}: attention_bias/mlp_bias=true is not a Llama-3 layout and is not supported")
     if hf.get("hidden_act", "silu") != "silu":
@@ -124,17 +223,22 @@ class LlamaConfig:
     bos = hf.get("bos_token_id", 1)
     eos = hf.get("eos_token_id", 2)
     if isinstance(eos, list):
-      eos = eos[0]
+      eos = eos[0] if eos else None
     kw = dict(
-        vocab_size=int(need("vocab_size")), dim=dim, n_layers=int(need("num_hidden_layers")),
-        n_heads=n_heads, n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        head_dim=int(hf.get("head_dim") or dim // n_heads), ffn_dim=int(need("intermediate_size")),
-        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(rope_theta), rope_scaling=scaling,
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_seq_len=int(hf.get("max_position_embeddings", 8192)),
-        bos_id=int(bos if bos is not None else 0), eos_id=int(eos if eos is not None else 0))
+        vocab_size=as_int("vocab_size", need("vocab_size"), minimum=1), dim=dim,
+        n_layers=as_int("num_hidden_layers", need("num_hidden_layers"), minimum=1),
+        n_heads=n_heads, n_kv_heads=n_kv_heads, head_dim=head_dim,
+        ffn_dim=as_int("intermediate_size", need("intermediate_size"), minimum=1),
+        norm_eps=as_float("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)), rope_theta=rope_theta,
+        rope_scaling=scaling, tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        max_seq_len=as_int("max_position_embeddings", hf.get("max_position_embeddings", 8192), minimum=1),
+        bos_id=as_int("bos_token_id", bos if bos is not None else 0),
+        eos_id=as_int("eos_token_id", eos if eos is not None else 0))
     kw.update(overrides)
-    return cls(**kw)
+    try:
+      return cls(**kw)
+    except ConfigError as e:
+      raise ConfigError(f"{source}: {e}") from e
 
   @classmethod
   def from_hf_file(cls, path, **overrides) -> "LlamaConfig":
@@ -202,12 +306,17 @@ class FusionConfig:
   eoi_id: int = 128003
 
   def __post_init__(self):
-    if self.separation not in SEPARATIONS:
-      raise ConfigError(f"fusion.separation={self.separation!r}: expected one of {SEPARATIONS}")
-    if self.image_io not in IMAGE_IO:
-      raise ConfigError(f"fusion.image_io={self.image_io!r}: expected one of {IMAGE_IO}")
-    if self.image_init not in ("copy", "random"):
-      raise ConfigError(f"fusion.image_init={self.image_init!r}: expected 'copy' or 'random'")
+    _check_choice("fusion.separation", self.separation, SEPARATIONS)
+    _check_choice("fusion.image_io", self.image_io, IMAGE_IO)
+    _check_choice("fusion.image_init", self.image_init, ("copy", "random"))
+    for name in ("latent_size", "latent_channels", "patch_size", "unet_blocks", "unet_groups", "time_embed_dim"):
+      check_int(f"fusion.{name}", getattr(self, name), minimum=1)
+    if not isinstance(self.unet_channels, tuple) or not self.unet_channels:
+      raise ConfigError(f"fusion.unet_channels={self.unet_channels!r}: expected a non-empty list of integers")
+    for i, c in enumerate(self.unet_channels):
+      check_int(f"fusion.unet_channels[{i}]", c, minimum=1)
+    check_int("fusion.boi_id", self.boi_id)
+    check_int("fusion.eoi_id", self.eoi_id)
     if self.latent_size % self.patch_size:
       raise ConfigError(f"fusion.latent_size={self.latent_size} is not divisible by "
                         f"fusion.patch_size={self.patch_size}")
@@ -239,7 +348,7 @@ def llama_config_from(cd: Any) -> LlamaConfig:
   if hf_config:
     base = LlamaConfig.from_hf_file(hf_config)
   elif preset:
-    if preset not in LLAMA_PRESETS:
+    if not isinstance(preset, str) or preset not in LLAMA_PRESETS:
       raise ConfigError(f"model.preset={preset!r}: unknown (known: {sorted(LLAMA_PRESETS)})")
     base = LLAMA_PRESETS[preset]
   else:
@@ -250,9 +359,18 @@ def llama_config_from(cd: Any) -> LlamaConfig:
   if unknown:
     raise ConfigError(f"model: unknown field(s) {sorted(unknown)}")
   out = dataclasses.replace(base, **d)
-  if rs != "keep":
-    out = dataclasses.replace(out, rope_scaling=RopeScaling(**rs) if rs else None)
-  return out
+  if isinstance(rs, str) and rs == "keep":
+    return out
+  if rs and not hasattr(rs, "keys"):
+    raise ConfigError(f"model.rope_scaling={rs!r}: expected None or a dict of "
+                      f"{[f.name for f in dataclasses.fields(RopeScaling)]}")
+  rs = _as_dict(rs) if rs else None
+  if rs:
+    rs = {k: v for k, v in rs.items() if not (k in ("rope_type", "type") and v == "llama3")}
+    unknown_rs = set(rs) - {f.name for f in dataclasses.fields(RopeScaling)}
+    if unknown_rs:
+      raise ConfigError(f"model.rope_scaling: unknown field(s) {sorted(unknown_rs)}")
+  return dataclasses.replace(out, rope_scaling=RopeScaling(**rs) if rs else None)
 
 
 def fusion_config_from(cd: Any) -> FusionConfig:
@@ -262,5 +380,7 @@ def fusion_config_from(cd: Any) -> FusionConfig:
   if unknown:
     raise ConfigError(f"fusion: unknown field(s) {sorted(unknown)}")
   if "unet_channels" in d:
+    if isinstance(d["unet_channels"], (str, bytes)) or not hasattr(d["unet_channels"], "__iter__"):
+      raise ConfigError(f"fusion.unet_channels={d['unet_channels']!r}: expected a list of integers")
     d["unet_channels"] = tuple(d["unet_channels"])
   return FusionConfig(**d)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import signal
 import time
 from typing import Optional
 
@@ -26,7 +25,6 @@ from lmfusion_jax.training import optimizer as optim
 from lmfusion_jax.training import step as ts
 from lmfusion_jax.data import batch as batch_lib
 from lmfusion_jax.data.batch import global_batch as data_global_batch
-from lmfusion_jax.models import sharded
 from lmfusion_jax.models.config import ConfigError
 from lmfusion_jax.run_config import model_configs
 
@@ -83,48 +81,6 @@ def global_batch(host_batch: dict, mesh, rows: Optional[slice]) -> dict:
   return data_global_batch(host_batch, mesh)
 
 
-class _Preemption:
-  def __init__(self):
-    self.requested = False
-    self._old = None
-
-  def __enter__(self):
-    def handler(signum, frame):
-      self.requested = True
-    try:
-      self._old = signal.signal(signal.SIGTERM, handler)
-    except ValueError:  # not the main thread
-      self._old = None
-    return self
-
-  def __exit__(self, *exc):
-    if self._old is not None:
-      signal.signal(signal.SIGTERM, self._old)
-
-
-def load_init_params(path, lcfg, fcfg, mesh, seed: int) -> dict:
-  """Params from a `convert-llama` checkpoint, checked against the run's architecture. A checkpoint without
-  an `image` branch (or with one of another separation mode) gets a fresh image branch from its text."""
-  from lmfusion_jax.checkpoints import params as params_io
-  from lmfusion_jax.models.fusion import init_image_params
-  ck_l, ck_f = params_io.read_model_config(path)
-  arch = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "tie_embeddings")
-  diff = [f for f in arch if getattr(ck_l, f) != getattr(lcfg, f)]
-  if diff:
-    raise ConfigError(f"init_from={path}: model field(s) {diff} differ from the run config "
-                      f"({', '.join(f'{f}: {getattr(ck_l, f)} vs {getattr(lcfg, f)}' for f in diff)})")
-  shardings = sharded.model_shardings(lcfg, fcfg, mesh)
-  structural = ("separation", "image_io", "latent_size", "latent_channels", "patch_size", "unet_channels",
-                "unet_blocks", "unet_groups", "time_embed_dim")
-  same_image = fcfg.image_init == "copy" and ck_f is not None and all(getattr(ck_f, f) == getattr(fcfg, f) for f in structural)
-  if same_image:
-    return params_io.load_params(path, mesh=mesh, shardings=shardings)
-  text = params_io.load_params(path, mesh=mesh, shardings=shardings["text"], subtree="text")
-  with jax.set_mesh(mesh):
-    image = jax.jit(lambda t: init_image_params(lcfg, fcfg, t, seed), out_shardings=shardings["image"])(text)
-  return {"text": text, "image": image}
-
-
 def _check_finite(metrics: dict, step: int):
   loss = float(metrics["loss"])
   if not np.isfinite(loss):
@@ -133,43 +89,70 @@ def _check_finite(metrics: dict, step: int):
                              f"checkpoint is kept")
 
 
+def _fmt_eta(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def train(cfg, tokenizer=None) -> dict:
-  """Runs training as configured; returns the final host metrics. Usable from Python and the CLI."""
+  """Runs training as configured; returns the final host metrics. Usable from Python and the CLI.
+
+  Order: settle the config (setup.resolve_run_config) -> tokenizer -> take the workdir lock and check it is
+  writable -> refuse an incompatible resume -> restore (falling back past damaged steps) or init -> only
+  then write run_config.json, the tokenizer copy and the trimmed metrics.jsonl -> compile -> steps. A
+  SIGTERM/SIGINT at any moment stops after the current step: that step is saved, the save awaited, then
+  the message printed (every process agrees on the step; training.preemption)."""
+  from lmfusion_jax.training import setup, workdir as workdir_lib
+  from lmfusion_jax.training.preemption import StopRequest
   distributed.initialize(cfg.distributed)
-  if not cfg.workdir:
-    raise ConfigError("workdir is empty: set --config.workdir=DIR")
+  with StopRequest() as stop:
+    setup.resolve_run_config(cfg, log)
+    # Pure checks first: a config, tokenizer or resume that cannot work fails before anything is written.
+    lcfg, fcfg, dcfg = model_configs(cfg)
+    if tokenizer is None:
+      from lmfusion_jax.data.tokenizer import load_tokenizer
+      tokenizer = load_tokenizer(cfg.data.tokenizer_dir)
+    lcfg, fcfg = resolve_special_ids(cfg, lcfg, fcfg, tokenizer)
+    mesh = sharding.mesh_from_config(cfg.mesh)
+    setup.check_start(cfg, lcfg, fcfg, mesh)
+    lock = workdir_lib.WorkdirLock(cfg.workdir, cfg.get("lock_stale_after_s", 600.0), warn=log)
+    setup.on_process_0(lambda: (workdir_lib.check_writable(epath.Path(cfg.workdir) / ckpt_lib.CHECKPOINTS_DIR),
+                                lock.acquire()))
+    try:
+      return _train_locked(cfg, (lcfg, fcfg, dcfg), tokenizer, mesh, stop, lock)
+    finally:
+      lock.release()
+
+
+def _train_locked(cfg, configs, tokenizer, mesh, stop, lock) -> dict:
+  from lmfusion_jax.training import setup, workdir as workdir_lib
   workdir = epath.Path(cfg.workdir)
-  lcfg, fcfg, dcfg = model_configs(cfg)
-  if tokenizer is None:
-    from lmfusion_jax.data.tokenizer import load_tokenizer
-    if not cfg.data.tokenizer_dir:
-      raise ConfigError("data.tokenizer_dir is empty: set --config.data.tokenizer_dir=DIR")
-    tokenizer = load_tokenizer(cfg.data.tokenizer_dir)
-  lcfg, fcfg = resolve_special_ids(cfg, lcfg, fcfg, tokenizer)
-  mesh = sharding.mesh_from_config(cfg.mesh)
+  lcfg, fcfg, dcfg = configs
   spec = ts.StepSpec(lcfg, fcfg, dcfg, optim.trainable_branches(cfg.optim), int(cfg.optim.accum_steps))
   tx = optim.make_optimizer(cfg.optim, cfg.total_steps)
   lr_fns = optim.schedules(cfg.optim, cfg.total_steps)
   data_iter, rows = make_data_iterator(cfg, tokenizer)
 
-  if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    write_json(workdir / ckpt_lib.RUN_CONFIG, run_config_record(cfg, lcfg, fcfg, dcfg))
   checkpointer = ckpt_lib.Checkpointer(workdir / ckpt_lib.CHECKPOINTS_DIR, save_every=cfg.save_every,
                                        keep=cfg.keep_checkpoints, async_save=cfg.async_checkpointing)
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    state = checkpointer.restore(latest, ts.abstract_state(spec, tx, mesh), data_iter)
-    log(f"resumed from {workdir}/checkpoints/{latest}")
-  else:
-    if cfg.init_from:
-      params = load_init_params(cfg.init_from, lcfg, fcfg, mesh, cfg.seed)
-      log(f"initialized from {cfg.init_from}")
-    else:
-      _, params = sharded.init_sharded(lcfg, fcfg, mesh, seed=cfg.seed)
-      log("initialized from scratch")
-    state = ts.new_state(spec, tx, params, cfg.seed, mesh)
+  try:
+    state, restored = setup.restore_or_init(cfg, checkpointer, ts.abstract_state(spec, tx, mesh), data_iter,
+                                            lambda params: ts.new_state(spec, tx, params, cfg.seed, mesh),
+                                            lcfg, fcfg, mesh, log)
+    if jax.process_index() == 0:   # the run is accepted: now its records are written
+      write_json(workdir / ckpt_lib.RUN_CONFIG, run_config_record(cfg, lcfg, fcfg, dcfg))
+      workdir_lib.copy_tokenizer(cfg.data.tokenizer_dir, workdir)
+      dropped = workdir_lib.trim_metrics(workdir, restored or 0)
+      if dropped:
+        log(f"metrics.jsonl: dropped {dropped} line(s) of steps after {restored or 0} (logged, not checkpointed)")
+    return _run_steps(cfg, spec, tx, lr_fns, mesh, state, data_iter, rows, checkpointer, stop, lock)
+  finally:
+    checkpointer.close()
 
+
+def _run_steps(cfg, spec, tx, lr_fns, mesh, state, data_iter, rows, checkpointer, stop, lock) -> dict:
+  lcfg, fcfg = spec.lcfg, spec.fcfg
+  workdir = epath.Path(cfg.workdir)
   first_host = next(data_iter)
   batch_lib.check_batch(first_host, cfg.data.text_len, cfg.data.image_slots)
   first = global_batch(first_host, mesh, rows)
@@ -190,50 +173,62 @@ def train(cfg, tokenizer=None) -> dict:
     writer = SummaryWriter(str(workdir / "tb"))
 
   metrics_file = workdir / "metrics.jsonl" if jax.process_index() == 0 else None
-  step = int(state["step"])
+  step = start = int(state["step"])
   host_metrics = {}
   tokens_per_step = cfg.data.global_batch_size * (cfg.data.text_len + cfg.data.image_slots *
                                                   fcfg.tokens_per_image)
   batch = first
-  t_last, steps_since = time.perf_counter(), 0
-  with _Preemption() as preempt:
-    try:
-      while step < cfg.total_steps:
-        if batch is None:
-          batch = global_batch(next(data_iter), mesh, rows)
-        state, metrics = compiled(state, batch)
-        batch = None
-        step += 1
-        steps_since += 1
-        last = step == cfg.total_steps
-        will_save = last or preempt.requested or step % cfg.save_every == 0
-        if step % cfg.log_every == 0 or will_save:
-          host_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-          _check_finite(host_metrics, step)
-          dt = (time.perf_counter() - t_last) / max(steps_since, 1)
-          t_last, steps_since = time.perf_counter(), 0
-          host_metrics.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt)
-          if peak:  # MFU only where the device peak is known (never a NaN in TensorBoard/metrics.jsonl)
-            mfu = step_flops / dt / (peak * jax.device_count())
-            host_metrics["mfu"] = mfu
-          log(f"step {step}/{cfg.total_steps} loss {host_metrics['loss']:.4f} text {host_metrics['text_loss']:.4f}"
-              f" image {host_metrics['image_loss']:.4f} lr {host_metrics.get('lr_image', 0):.2e} "
-              f"tok/s {host_metrics['tokens_per_s']:.0f} step {dt * 1e3:.0f} ms"
-              + (f" mfu {mfu:.1%}" if peak else ""))
-          if writer is not None:
-            for k, v in host_metrics.items():
-              writer.add_scalar(k, v, step)
-          if metrics_file is not None:
-            with metrics_file.open("a") as f:
-              f.write(json.dumps({"step": step, **host_metrics}) + "\n")
-        if will_save:
-          checkpointer.save(step, state, data_iter, force=True)
-        if preempt.requested:
-          log(f"SIGTERM: saved step {step}, exiting")
-          break
-    finally:
-      checkpointer.close()
-      if writer is not None:
-        writer.close()
+  t_start = t_last = t_beat = time.perf_counter()
+  steps_since = 0
+  try:
+    if stop.requested and jax.process_count() == 1:
+      log(f"{stop.signal_name} before the first step: nothing new to save (latest checkpoint: "
+          f"{checkpointer.latest_step()}), exiting")
+      return {"step": step}
+    while step < cfg.total_steps:
+      if batch is None:
+        batch = global_batch(next(data_iter), mesh, rows)
+      state, metrics = compiled(state, batch)
+      batch = None
+      step += 1
+      steps_since += 1
+      stop_now = stop.now(step)          # decided once per step: the save below and the exit agree
+      save_now = stop_now or step == cfg.total_steps or step % cfg.save_every == 0
+      if step % cfg.log_every == 0 or save_now:
+        host_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        _check_finite(host_metrics, step)
+        now = time.perf_counter()
+        dt = (now - t_last) / max(steps_since, 1)
+        t_last, steps_since = now, 0
+        host_metrics.update(step_time_s=dt, tokens_per_s=tokens_per_step / dt)
+        if peak:  # MFU only where the device peak is known (never a NaN in TensorBoard/metrics.jsonl)
+          mfu = step_flops / dt / (peak * jax.device_count())
+          host_metrics["mfu"] = mfu
+        eta = (now - t_start) / (step - start) * (cfg.total_steps - step)
+        log(f"step {step}/{cfg.total_steps} loss {host_metrics['loss']:.4f} text {host_metrics['text_loss']:.4f}"
+            f" image {host_metrics['image_loss']:.4f} lr {host_metrics.get('lr_image', 0):.2e} "
+            f"tok/s {host_metrics['tokens_per_s']:.0f} step {dt * 1e3:.0f} ms"
+            + (f" mfu {mfu:.1%}" if peak else "") + f" ETA {_fmt_eta(eta)}")
+        if writer is not None:
+          for k, v in host_metrics.items():
+            writer.add_scalar(k, v, step)
+        if metrics_file is not None:
+          with metrics_file.open("a") as f:
+            f.write(json.dumps({"step": step, **host_metrics}) + "\n")
+      if save_now:
+        checkpointer.save(step, state, data_iter, force=True)
+      if stop_now:
+        checkpointer.wait()   # committed (renamed into place) before we say so
+        if step not in checkpointer.all_steps():
+          raise ckpt_lib.CheckpointError(f"{stop.signal_name}: the save of step {step} under "
+                                         f"{checkpointer.directory} did not commit")
+        log(f"{stop.signal_name}: saved step {step} to {checkpointer.directory}/{step}, exiting")
+        break
+      if jax.process_index() == 0 and time.perf_counter() - t_beat > 60:
+        lock.heartbeat()
+        t_beat = time.perf_counter()
+  finally:
+    if writer is not None:
+      writer.close()
   host_metrics["step"] = step
   return host_metrics
