@@ -62,23 +62,24 @@ def test_kill_during_an_async_save_then_resume_is_bitwise_and_logs_each_step_onc
   straight = tmp_path / "straight"
   subprocess.run(cli_args(tokenizer_dir, digits_data_dir, straight, *common), env=env, check=True,
                  capture_output=True, timeout=600)
-  # The same run, SIGKILLed as it logs step 8: the async save of step 8 is starting or in flight.
+  # The same run, SIGKILLed as it logs step 12: the async save of step 12 is starting (and that of 8 may
+  # still be in flight: a first save in a process takes a few steps' time).
   killed = tmp_path / "killed"
   proc = subprocess.Popen(cli_args(tokenizer_dir, digits_data_dir, killed, *common), env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   seen = []
   for line in proc.stdout:
     seen.append(line)
-    if line.startswith("step 8/"):
+    if line.startswith("step 12/"):
       proc.send_signal(signal.SIGKILL)
       break
   proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
   saved = committed(killed)
-  assert saved and max(saved) < total, saved
+  assert max(saved, default=0) <= 12, saved
   out = subprocess.run(cli_args(tokenizer_dir, digits_data_dir, killed, *common), env=env, check=True,
                        capture_output=True, text=True, timeout=600)
-  assert "resumed from" in out.stdout, out.stdout
+  assert (f"resumed from {killed}/checkpoints/{max(saved)}" if saved else "initialized from scratch") in out.stdout
   assert "taking over the stale lock" in out.stdout and f"pid {proc.pid} no longer runs" in out.stdout
   a, b = load_state(straight, total), load_state(killed, total)
   import jax
