@@ -234,19 +234,22 @@ class LmfusionImageCaptions(tfds.core.GeneratorBasedBuilder):
         yield file, {"caption": caption, "latent": latent.astype(np.float32), "id": file}
       batch.clear()
 
-    for file, caption in entries:
-      try:
-        img = load_image(source / file, c.image_size)
-      except BadImageError:
-        if c.on_bad_image != "skip":
-          raise
-        self.info.metadata["skipped_images"].append(file)
-        continue
-      batch.append((file, caption, img))
-      if len(batch) == c.batch_size:
+    from lmfusion_jax.progress import Progress
+    with Progress(len(entries), "build-data: encode", unit="image") as progress:
+      for file, caption in entries:
+        progress.update(1)
+        try:
+          img = load_image(source / file, c.image_size)
+        except BadImageError:
+          if c.on_bad_image != "skip":
+            raise
+          self.info.metadata["skipped_images"].append(file)
+          continue
+        batch.append((file, caption, img))
+        if len(batch) == c.batch_size:
+          yield from flush()
+      if batch:
         yield from flush()
-    if batch:
-      yield from flush()
 
 
 def _dataset_dir(data_dir, config_name: str) -> epath.Path:

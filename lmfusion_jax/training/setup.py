@@ -1,7 +1,8 @@
 """Everything a training run settles before it spends compute: paths, the model section, the data assets,
 whether an existing workdir can be resumed with this config, and the parameters `init_from` gives.
 
-  resolve_run_config(cfg)          absolute paths; `model.preset="init"` filled from init_from; digits assets
+  resolve_run_config(cfg)          absolute paths; `model.preset="init"` filled from init_from; digits assets;
+                                   the tokenizer that travels with init_from when data.tokenizer_dir is empty
   check_start(...)                 a refused resume or init names the differing fields and writes nothing
   load_init_params(...)            text (+ image) branch from a params checkpoint, shapes checked first
   on_process_0(fn)                 a check only process 0 can run, its verdict shared with every process
@@ -58,7 +59,8 @@ def absolutize_paths(cfg) -> None:
 
 
 def model_from_init(cfg) -> None:
-  """`model.preset = "init"`: the model and fusion architecture are init_from's (its lmfusion.json)."""
+  """`model.preset = "init"`: the model and fusion architecture are init_from's (its lmfusion.json), and so
+  is data.tokens_per_image; the run knobs (dtypes, scan, remat, attention, max_seq_len) stay the config's."""
   from lmfusion_jax.checkpoints import params as params_io
   if cfg.model.get("preset") != "init":
     return
@@ -75,6 +77,7 @@ def model_from_init(cfg) -> None:
     if ck_f is not None:
       for k in FUSION_ARCH:
         cfg.fusion[k] = tuple(getattr(ck_f, k)) if k == "unet_channels" else getattr(ck_f, k)
+      cfg.data.tokens_per_image = ck_f.tokens_per_image
 
 
 def ensure_data_assets(cfg, log: Callable[[str], None]) -> None:
@@ -102,6 +105,12 @@ def resolve_run_config(cfg, log: Callable[[str], None] = print):
   validate_run_config(cfg)
   model_from_init(cfg)
   ensure_data_assets(cfg, log)
+  if not cfg.data.tokenizer_dir and cfg.init_from:
+    from lmfusion_jax.checkpoints import params as params_io
+    own = epath.Path(cfg.init_from) / params_io.TOKENIZER_DIR
+    if params_io.has_tokenizer(own):
+      cfg.data.tokenizer_dir = str(own)
+      log(f"data.tokenizer_dir: the tokenizer of init_from ({own})")
   if not cfg.data.tokenizer_dir:
     raise ConfigError("data.tokenizer_dir is empty: set --config.data.tokenizer_dir=DIR")
   return cfg
