@@ -1,8 +1,12 @@
 """Preemption-safe stops (issue 15): a SIGTERM (or one Ctrl-C) at any moment of a run ends it with a committed
-checkpoint of the last completed step, awaited before the message says so, and the resumed run ends bitwise
-where a run never stopped ends. The signal is sent to this process from inside the loop's own calls, at 10
-different moments (restore, compile, fetching a batch, logging, writing metrics.jsonl, starting an async save,
-while an async save is in flight, the last step's save, closing), so each moment is hit every time."""
+checkpoint of the last completed step, awaited before the message says so, and resuming continues bitwise.
+
+One workdir is stopped and resumed 12 times in a row, each time by a signal sent to this process from inside
+the loop's own calls at a different moment (restore, compile, the first batch, a later batch, logging, writing
+metrics.jsonl, starting an async save, an async save in flight, the last step's save, closing; Ctrl-C twice
+among them), so each moment is hit every time. After every stop: the newest committed checkpoint is at least
+the last step printed, and a "saved step N" claim was only made once N was committed. At the end the state
+equals, bit for bit, that of the same run never stopped, and metrics.jsonl holds each step once."""
 import json
 import os
 import signal
@@ -12,10 +16,12 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import PREEMPT_TOTAL, saved_state, short_run_config
 from lmfusion_jax.checkpoints import train_state as ckpt_lib
 from lmfusion_jax.training import loop as loop_lib
 from lmfusion_jax.training import step as ts
-from conftest import PREEMPT_TOTAL as TOTAL, saved_state, short_run_config
+
+TOTAL = 4 * PREEMPT_TOTAL   # a longer run than short_run's, so that 12 stops fit in it
 
 
 def committed_steps(workdir) -> list:
@@ -30,8 +36,8 @@ def fire(sig):
   os.kill(os.getpid(), sig)
 
 
-def install(monkeypatch, moment: str, sig):
-  """Sends `sig` to this process once, at `moment`."""
+def install(monkeypatch, moment: str, sig, start: int):
+  """Sends `sig` to this process once, at `moment` of a run resumed at step `start`."""
   fired = []
 
   def once():
@@ -43,8 +49,8 @@ def install(monkeypatch, moment: str, sig):
     orig = getattr(owner, name)
 
     def wrapper(*a, **k):
-      if before is None or before(*a, **k):
-        once() if after is None else None
+      if after is None and (before is None or before(*a, **k)):
+        once()
       out = orig(*a, **k)
       if after is not None and after(*a, **k):
         once()
@@ -59,24 +65,25 @@ def install(monkeypatch, moment: str, sig):
       return calls["batch"] == n
     return check
 
+  is_save = lambda self, step, *a, **k: step % 3 == 0 and step < TOTAL
   if moment == "restore":
     wrap(ckpt_lib.Checkpointer, "restore_latest")
   elif moment == "compile":
     wrap(ts, "jit_train_step")
   elif moment == "first batch":
     wrap(loop_lib, "global_batch", before=nth_batch(1))
-  elif moment == "batch of step 5":
-    wrap(loop_lib, "global_batch", before=nth_batch(5))
-  elif moment == "logging step 2":
-    wrap(loop_lib, "log", before=lambda msg: msg.startswith("step 2/"))
-  elif moment == "writing metrics of step 4":
+  elif moment == "batch of the 3rd step":
+    wrap(loop_lib, "global_batch", before=nth_batch(3))
+  elif moment == "logging the 2nd step":
+    wrap(loop_lib, "log", before=lambda msg: msg.startswith(f"step {start + 2}/"))
+  elif moment == "writing metrics of the 1st step":
     real = json.dumps
     monkeypatch.setattr(loop_lib, "json", types.SimpleNamespace(
-        dumps=lambda obj, *a, **k: (obj.get("step") == 4 and once(), real(obj, *a, **k))[1]))
-  elif moment == "starting the save of step 3":
-    wrap(ckpt_lib.Checkpointer, "save", before=lambda self, step, *a, **k: step == 3)
-  elif moment == "async save of step 3 in flight":
-    wrap(ckpt_lib.Checkpointer, "save", after=lambda self, step, *a, **k: step == 3)
+        dumps=lambda obj, *a, **k: (obj.get("step") == start + 1 and once(), real(obj, *a, **k))[1]))
+  elif moment == "starting a periodic save":
+    wrap(ckpt_lib.Checkpointer, "save", before=is_save)
+  elif moment == "a periodic async save in flight":
+    wrap(ckpt_lib.Checkpointer, "save", after=is_save)
   elif moment == "the last step's save":
     wrap(ckpt_lib.Checkpointer, "save", before=lambda self, step, *a, **k: step == TOTAL)
   elif moment == "closing":
@@ -86,57 +93,67 @@ def install(monkeypatch, moment: str, sig):
   return fired
 
 
-MOMENTS = ["restore", "compile", "first batch", "batch of step 5", "logging step 2",
-           "writing metrics of step 4", "starting the save of step 3", "async save of step 3 in flight",
-           "the last step's save", "closing"]
+# In the order they hit one workdir; the last two end the run (its last step saved, then closing).
+STOPS = [("restore", signal.SIGTERM), ("compile", signal.SIGTERM), ("first batch", signal.SIGTERM),
+         ("logging the 2nd step", signal.SIGTERM), ("batch of the 3rd step", signal.SIGTERM),
+         ("writing metrics of the 1st step", signal.SIGTERM), ("starting a periodic save", signal.SIGTERM),
+         ("a periodic async save in flight", signal.SIGTERM), ("logging the 2nd step", signal.SIGINT),
+         ("a periodic async save in flight", signal.SIGINT), ("the last step's save", signal.SIGTERM),
+         ("closing", signal.SIGTERM)]
 
 
-# SIGINT (once) takes the SIGTERM path; two of the moments check it.
-CASES = [(m, signal.SIGTERM) for m in MOMENTS] + [(m, signal.SIGINT) for m in
-                                                  ("logging step 2", "async save of step 3 in flight")]
+def long_config(tokenizer_dir, digits_data_dir, workdir):
+  cfg = short_run_config(tokenizer_dir, digits_data_dir, workdir)
+  cfg.total_steps = TOTAL
+  return cfg
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment,sig", CASES, ids=[f"{signal.Signals(s).name}-{m}" for m, s in CASES])
-def test_a_signal_at_any_moment_saves_the_last_step_then_resume_is_bitwise(
-    tokenizer_dir, digits_data_dir, tmp_path, monkeypatch, short_run, moment, sig):
-  workdir = str(tmp_path / "run")
-  cfg = short_run_config(tokenizer_dir, digits_data_dir, workdir)
-  printed, committed_when_claimed = [], {}
-  real_log = loop_lib.log
+def test_twelve_stops_at_different_moments_then_the_run_ends_bitwise_as_one_never_stopped(
+    tokenizer_dir, digits_data_dir, tmp_path, monkeypatch):
+  straight = str(tmp_path / "straight")
+  loop_lib.train(long_config(tokenizer_dir, digits_data_dir, straight))
+  workdir = str(tmp_path / "stopped")
+  step, stopped_at = 0, []
+  for moment, sig in STOPS:
+    printed, committed_when_claimed = [], {}
+    real_log = loop_lib.log
 
-  def spy(msg):
-    printed.append(msg)
-    if "saved step" in msg:
-      step = int(msg.split("saved step ")[1].split()[0])
-      committed_when_claimed[step] = step in committed_steps(workdir)
-    real_log(msg)
-  monkeypatch.setattr(loop_lib, "log", spy)
-  fired = install(monkeypatch, moment, sig)
-  metrics = loop_lib.train(cfg)
-  monkeypatch.undo()
-  assert fired, f"the signal was never sent at {moment!r}"
-  logged = [int(m.split()[1].split("/")[0]) for m in printed if m.startswith("step ")]
-  saved = committed_steps(workdir)
-  # The newest committed checkpoint is at least the last step the run printed.
-  if logged:
-    assert saved and saved[-1] >= logged[-1], (moment, logged, saved)
-  # A claim of a save is only ever made after the save committed.
-  assert all(committed_when_claimed.values()), committed_when_claimed
-  signame = signal.Signals(sig).name
-  stopped_early = metrics["step"] < TOTAL
-  if stopped_early:
-    assert any(m.startswith(signame) for m in printed), printed
-    if metrics["step"] > 0:
-      assert saved[-1] == metrics["step"]
-  # Resuming (no signal) finishes the run exactly as the run that was never stopped.
-  loop_lib.train(short_run_config(tokenizer_dir, digits_data_dir, workdir))
-  got = saved_state(workdir)
-  for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(short_run[1])[0],
+    def spy(msg):
+      printed.append(msg)
+      if "saved step" in msg:
+        n = int(msg.split("saved step ")[1].split()[0])
+        committed_when_claimed[n] = n in committed_steps(workdir)
+      real_log(msg)
+    with monkeypatch.context() as m:
+      m.setattr(loop_lib, "log", spy)
+      if moment == "writing metrics of the 1st step" and step >= TOTAL - 1:
+        raise AssertionError("the chain ran out of steps")
+      fired = install(m, moment, sig, step)
+      metrics = loop_lib.train(long_config(tokenizer_dir, digits_data_dir, workdir))
+    where = f"{signal.Signals(sig).name} at {moment!r} (resumed at {step})"
+    assert fired, f"{where}: the signal was never sent"
+    logged = [int(p.split()[1].split("/")[0]) for p in printed if p.startswith("step ")]
+    saved = committed_steps(workdir)
+    if logged:
+      assert saved and saved[-1] >= logged[-1], (where, logged, saved)
+    assert all(committed_when_claimed.values()), (where, committed_when_claimed)
+    if metrics["step"] < TOTAL:
+      assert any(p.startswith(signal.Signals(sig).name) for p in printed), (where, printed)
+      if metrics["step"] > step:
+        assert saved[-1] == metrics["step"], where
+    step = max(step, metrics["step"])
+    stopped_at.append(metrics["step"])
+  assert step == TOTAL, stopped_at
+  assert len(set(stopped_at)) >= 8, f"the stops should spread over the run: {stopped_at}"
+  want, got = saved_state(straight, TOTAL), saved_state(workdir, TOTAL)
+  for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(want)[0],
                                jax.tree_util.tree_flatten_with_path(got)[0], strict=True):
-    np.testing.assert_array_equal(a, b, err_msg=f"{moment}: {jax.tree_util.keystr(path)}")
+    np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
   lines = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in lines] == list(range(1, TOTAL + 1)), "each step once in metrics.jsonl"
+  straight_lines = [json.loads(x) for x in open(os.path.join(straight, "metrics.jsonl"))]
+  assert [r["loss"] for r in lines] == [r["loss"] for r in straight_lines]
   assert not os.path.exists(os.path.join(workdir, "lock.json"))
 
 

@@ -138,13 +138,16 @@ def spawn_processes(n, args, devices_per_process=2):
 def test_sigterm_on_one_host_stops_every_host_at_the_same_saved_step(tokenizer_dir, digits_data_dir, tmp_path):
   """2 processes x 2 devices; the preemption notice reaches process 1 only. Both stop after the same step
   (JAX's preemption sync point), that step is committed, and the resumed run (through launch/local_multihost.sh)
-  ends with the loss curve of one process x 4 devices at every step."""
+  ends with the loss curve of one process x 8 devices at every step."""
   total = 30
   common = [f"--config.total_steps={total}", "--config.save_every=1000", "--config.log_every=1",
             "--config.data.process_sharding=rows", "--config.mesh.fsdp=-1"]
+  # The reference: one process (this one, its 8 devices), the same config, never stopped.
+  from lmfusion_jax.run_config import apply_overrides, load_config
+  from lmfusion_jax.training.loop import train
   single = tmp_path / "single"
-  subprocess.run(cli_args(tokenizer_dir, digits_data_dir, single, *common), env=env_with_devices(4),
-                 check=True, capture_output=True, timeout=600)
+  train(apply_overrides(load_config(str(REPO / "configs/tiny.py")), cli_args(tokenizer_dir, digits_data_dir,
+                                                                             single, *common)[6:]))
   multi = tmp_path / "multi"
   procs = spawn_processes(2, cli_args(tokenizer_dir, digits_data_dir, multi, *common))
   seen = []
