@@ -189,3 +189,20 @@ def test_model_preset_init_takes_the_architecture_from_init_from(tmp_path, token
   for k in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim"):
     assert record["llama"][k] == stored["llama"][k], k
   assert record["config"]["init_from"] == os.path.abspath(cfg.init_from)
+
+
+@pytest.mark.parametrize("missing", ["params/state/_METADATA", "params/state/manifest.ocdbt",
+                                     "params/_CHECKPOINT_METADATA"])
+def test_a_damaged_params_checkpoint_is_named_with_its_file(tmp_path, tokenizer_dir, digits_data_dir, capsys,
+                                                             missing):
+  from lmfusion_jax import cli
+  cfg = short_run_config(tokenizer_dir, digits_data_dir, str(tmp_path / "run"))
+  path = init_checkpoint(tmp_path, cfg)
+  os.remove(os.path.join(path, missing))
+  for argv in (["export-llama", "--checkpoint", path, "--out", str(tmp_path / "hf")],
+               ["generate", "--checkpoint", path, "--tokenizer", tokenizer_dir, "--prompt", "one"]):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == f"lmfusion-jax {argv[0]}: error: params checkpoint {path} is damaged or unreadable " \
+                  f"(missing or empty: {missing})\n"
+  assert not (tmp_path / "hf").exists()

@@ -333,11 +333,37 @@ def _flat(tree) -> dict:
   return {"/".join(str(k.key) for k in path): v for path, v in leaves}
 
 
+# What a complete params/ folder holds (orbax's layout); a missing one names the damaged file in messages
+# (the first three are checked before any read; `d` only explains a failed read).
+PARAMS_FILES = ("_CHECKPOINT_METADATA", f"{PYTREE_DIR}/_METADATA", f"{PYTREE_DIR}/manifest.ocdbt", f"{PYTREE_DIR}/d")
+
+
+def _missing_files(p: epath.Path) -> list:
+  return [f for f in PARAMS_FILES if not (p / PARAMS_DIR / f).exists() or
+          (not (p / PARAMS_DIR / f).is_dir() and (p / PARAMS_DIR / f).stat().length == 0)]
+
+
+def _damaged(p: epath.Path, error: Exception) -> CheckpointError:
+  """A CheckpointError naming the params checkpoint and its missing/empty files (or orbax's complaint)."""
+  bad = _missing_files(p)
+  where = f"missing or empty: {', '.join(f'{PARAMS_DIR}/{f}' for f in bad)}" if bad else \
+      f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+  return CheckpointError(f"params checkpoint {p} is damaged or unreadable ({where})")
+
+
 def stored_metadata(path) -> dict:
   """Shapes and dtypes on disk: pure dict of objects with .shape and .dtype."""
   p = _path(path)
   read_model_config(p)  # refuses incomplete checkpoints
-  return ocp.metadata(p / PARAMS_DIR).metadata
+  if any(f in _missing_files(p) for f in PARAMS_FILES[:3]):   # before orbax starts reads that would fail
+    raise _damaged(p, FileNotFoundError())
+  try:
+    meta = ocp.metadata(p / PARAMS_DIR).metadata
+  except Exception as e:  # orbax raises many types for a damaged checkpoint
+    raise _damaged(p, e) from e
+  if not isinstance(meta, dict):
+    raise _damaged(p, ValueError("no parameter metadata"))
+  return meta
 
 
 def load_params(path, mesh: Optional[Mesh] = None, shardings: Optional[dict] = None,
@@ -350,7 +376,7 @@ def load_params(path, mesh: Optional[Mesh] = None, shardings: Optional[dict] = N
   """
   p = _path(path)
   llama_cfg, fusion_cfg = read_model_config(p)
-  on_disk = _select(ocp.metadata(p / PARAMS_DIR).metadata, subtree, f"{p / PARAMS_DIR}")
+  on_disk = _select(stored_metadata(p), subtree, f"{p / PARAMS_DIR}")
   expected = _select(sharded.abstract_params(llama_cfg, fusion_cfg), subtree, "the model described by lmfusion.json")
   disk_flat, exp_flat = _flat(on_disk), _flat(expected)
   missing = sorted(set(exp_flat) - set(disk_flat))
@@ -376,8 +402,11 @@ def load_params(path, mesh: Optional[Mesh] = None, shardings: Optional[dict] = N
       on_disk, string_keys(shardings))
   ctx = ocp.Context()
   ctx.pytree.loading.partial_load = True
-  with ctx:
-    restored = ocp.load(p / PARAMS_DIR, _wrap(target, subtree))
+  try:
+    with ctx:
+      restored = ocp.load(p / PARAMS_DIR, _wrap(target, subtree))
+  except Exception as e:  # orbax / tensorstore raise many types for missing or corrupt chunks
+    raise _damaged(p, e) from e
   return keys_like(_select(restored, subtree, "restored tree"), expected)
 
 
