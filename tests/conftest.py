@@ -78,11 +78,11 @@ def frozen_run(tokenizer_dir, digits_data_dir, tmp_path_factory):
   return cfg, metrics
 
 
-PREEMPT_TOTAL = 6   # steps of the short runs of the reliability tests; checkpoints every 3 steps
+PREEMPT_TOTAL = 18   # steps of the short runs of the reliability tests; checkpoints every 3 steps (last 2 kept)
 
 
 def short_run_config(tokenizer_dir, data_dir, workdir):
-  """The tiny config for the reliability tests: 6 steps, logged every step, async saves at 3 and 6."""
+  """The tiny config for the reliability tests: 18 steps, logged every step, an async save every 3 steps."""
   cfg = make_tiny_config(tokenizer_dir, data_dir, workdir)
   cfg.total_steps, cfg.save_every, cfg.log_every = PREEMPT_TOTAL, 3, 1
   cfg.async_checkpointing = True

@@ -1,10 +1,10 @@
 """Preemption-safe stops (issue 15): a SIGTERM (or one Ctrl-C) at any moment of a run ends it with a committed
 checkpoint of the last completed step, awaited before the message says so, and resuming continues bitwise.
 
-One workdir is stopped and resumed 12 times in a row, each time by a signal sent to this process from inside
+One workdir is stopped and resumed 10 times in a row, each time by a signal sent to this process from inside
 the loop's own calls at a different moment (restore, compile, the first batch, a later batch, logging, writing
-metrics.jsonl, starting an async save, an async save in flight, the last step's save, closing; Ctrl-C twice
-among them), so each moment is hit every time. After every stop: the newest committed checkpoint is at least
+metrics.jsonl, starting an async save, an async save in flight, the last step's save, closing; one of them
+a Ctrl-C), so each moment is hit every time. After every stop: the newest committed checkpoint is at least
 the last step printed, and a "saved step N" claim was only made once N was committed. At the end the state
 equals, bit for bit, that of the same run never stopped, and metrics.jsonl holds each step once."""
 import json
@@ -21,7 +21,7 @@ from lmfusion_jax.checkpoints import train_state as ckpt_lib
 from lmfusion_jax.training import loop as loop_lib
 from lmfusion_jax.training import step as ts
 
-TOTAL = 4 * PREEMPT_TOTAL   # a longer run than short_run's, so that 12 stops fit in it
+TOTAL = PREEMPT_TOTAL   # conftest's short run: 18 steps, the reference
 
 
 def committed_steps(workdir) -> list:
@@ -95,24 +95,16 @@ def install(monkeypatch, moment: str, sig, start: int):
 
 # In the order they hit one workdir; the last two end the run (its last step saved, then closing).
 STOPS = [("restore", signal.SIGTERM), ("compile", signal.SIGTERM), ("first batch", signal.SIGTERM),
-         ("logging the 2nd step", signal.SIGTERM), ("batch of the 3rd step", signal.SIGTERM),
+         ("logging the 2nd step", signal.SIGINT), ("batch of the 3rd step", signal.SIGTERM),
          ("writing metrics of the 1st step", signal.SIGTERM), ("starting a periodic save", signal.SIGTERM),
-         ("a periodic async save in flight", signal.SIGTERM), ("logging the 2nd step", signal.SIGINT),
-         ("a periodic async save in flight", signal.SIGINT), ("the last step's save", signal.SIGTERM),
+         ("a periodic async save in flight", signal.SIGTERM), ("the last step's save", signal.SIGTERM),
          ("closing", signal.SIGTERM)]
 
 
-def long_config(tokenizer_dir, digits_data_dir, workdir):
-  cfg = short_run_config(tokenizer_dir, digits_data_dir, workdir)
-  cfg.total_steps = TOTAL
-  return cfg
-
-
 @pytest.mark.slow
-def test_twelve_stops_at_different_moments_then_the_run_ends_bitwise_as_one_never_stopped(
-    tokenizer_dir, digits_data_dir, tmp_path, monkeypatch):
-  straight = str(tmp_path / "straight")
-  loop_lib.train(long_config(tokenizer_dir, digits_data_dir, straight))
+def test_ten_stops_at_different_moments_then_the_run_ends_bitwise_as_one_never_stopped(
+    tokenizer_dir, digits_data_dir, short_run, tmp_path, monkeypatch):
+  straight = short_run[0]   # the same run, never stopped
   workdir = str(tmp_path / "stopped")
   step, stopped_at = 0, []
   for moment, sig in STOPS:
@@ -130,7 +122,7 @@ def test_twelve_stops_at_different_moments_then_the_run_ends_bitwise_as_one_neve
       if moment == "writing metrics of the 1st step" and step >= TOTAL - 1:
         raise AssertionError("the chain ran out of steps")
       fired = install(m, moment, sig, step)
-      metrics = loop_lib.train(long_config(tokenizer_dir, digits_data_dir, workdir))
+      metrics = loop_lib.train(short_run_config(tokenizer_dir, digits_data_dir, workdir))
     where = f"{signal.Signals(sig).name} at {moment!r} (resumed at {step})"
     assert fired, f"{where}: the signal was never sent"
     logged = [int(p.split()[1].split("/")[0]) for p in printed if p.startswith("step ")]
@@ -145,7 +137,8 @@ def test_twelve_stops_at_different_moments_then_the_run_ends_bitwise_as_one_neve
     step = max(step, metrics["step"])
     stopped_at.append(metrics["step"])
   assert step == TOTAL, stopped_at
-  assert len(set(stopped_at)) >= 8, f"the stops should spread over the run: {stopped_at}"
+  print("stopped at steps", stopped_at)
+  assert len(set(stopped_at)) >= 6, f"the stops should spread over the run: {stopped_at}"
   want, got = saved_state(straight, TOTAL), saved_state(workdir, TOTAL)
   for (path, a), (_, b) in zip(jax.tree_util.tree_flatten_with_path(want)[0],
                                jax.tree_util.tree_flatten_with_path(got)[0], strict=True):

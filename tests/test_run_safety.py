@@ -66,7 +66,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(copied_run, 
   out = capsys.readouterr().out
   damaged = os.path.join(copied_run, "checkpoints", str(PREEMPT_TOTAL))
   assert f"WARNING: checkpoint {damaged} is damaged or unreadable (missing or empty: state/_METADATA)" in out
-  assert f"resumed from {os.path.join(copied_run, 'checkpoints')}/3" in out
+  assert f"resumed from {os.path.join(copied_run, 'checkpoints')}/{PREEMPT_TOTAL - 3}" in out
   assert os.path.isdir(damaged + ".damaged"), "the damaged step is kept aside for inspection"
   assert_states_equal(saved_state(copied_run), short_run[1])   # steps 4..6 re-run exactly
   steps = [json.loads(x)["step"] for x in open(os.path.join(copied_run, "metrics.jsonl"))]
@@ -74,7 +74,7 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(copied_run, 
 
 
 def test_no_good_checkpoint_names_the_damaged_file_and_writes_nothing(copied_run, tokenizer_dir, digits_data_dir):
-  for step in (3, PREEMPT_TOTAL):
+  for step in (PREEMPT_TOTAL - 3, PREEMPT_TOTAL):   # the two kept
     os.remove(os.path.join(copied_run, "checkpoints", str(step), "state", "_METADATA"))
   before = snapshot(copied_run)
   with pytest.raises(CheckpointError) as e:

@@ -1,6 +1,6 @@
-"""Process-level training checks through the real CLI in subprocesses: exact resume after kill -9 during an
-async save, one trainer per workdir, SIGTERM through the CLI, and a preemption notice on one of two hosts
-(then 2 processes x 2 devices == 1 process x 4 devices at every step)."""
+"""Process-level training checks through the real CLI in subprocesses: one trainer per workdir, exact resume
+after kill -9 during an async save, a preemption notice on one of two hosts
+(2 processes x 2 devices stop at the same step, with the curve of 1 process x 8 devices)."""
 import json
 import os
 import pathlib
@@ -53,71 +53,52 @@ def logged_steps(workdir) -> list:
 
 
 @pytest.mark.slow
-def test_kill_during_an_async_save_then_resume_is_bitwise_and_logs_each_step_once(tokenizer_dir, digits_data_dir,
-                                                                                   tmp_path):
-  total = 24
-  common = [f"--config.total_steps={total}", "--config.save_every=4", "--config.log_every=1",
-            "--config.mesh.fsdp=2", "--config.async_checkpointing=true"]
-  env = env_with_devices(2)
-  straight = tmp_path / "straight"
-  subprocess.run(cli_args(tokenizer_dir, digits_data_dir, straight, *common), env=env, check=True,
-                 capture_output=True, timeout=600)
-  # The same run, SIGKILLed as it logs step 12: the async save of step 12 is starting (and that of 8 may
-  # still be in flight: a first save in a process takes a few steps' time).
+def test_a_second_trainer_is_refused_then_kill_during_an_async_save_and_resume_bitwise(tokenizer_dir, digits_data_dir,
+                                                                                   short_run, tmp_path):
+  """conftest's short run (18 steps, an async save every 3) through the CLI on the same 8 devices. A second
+  trainer on its workdir is refused, naming the first. SIGKILLed as it logs step 3 (the async save of step 3
+  is starting), then resumed (taking over the dead trainer's lock): it ends bitwise where the short run (never
+  killed) ends, and metrics.jsonl has each step once."""
+  from conftest import PREEMPT_TOTAL as total
+  common = [f"--config.total_steps={total}", "--config.save_every=3", "--config.log_every=1",
+            "--config.async_checkpointing=true"]
+  env = env_with_devices(8)
   killed = tmp_path / "killed"
   proc = subprocess.Popen(cli_args(tokenizer_dir, digits_data_dir, killed, *common), env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
   seen = []
   for line in proc.stdout:
     seen.append(line)
-    if line.startswith("step 12/"):
+    if line.startswith("step 1/"):
+      # A second trainer on the same workdir (the first one paused, so it surely still holds the lock).
+      proc.send_signal(signal.SIGSTOP)
+      second = subprocess.run(cli_args(tokenizer_dir, digits_data_dir, killed, *common), env=env,
+                              capture_output=True, text=True, timeout=300)
+      proc.send_signal(signal.SIGCONT)
+      assert second.returncode == 2, second.stderr
+      assert f"another trainer holds this workdir (host {socket.gethostname()}, pid {proc.pid}" in second.stderr
+      assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1, second.stderr
+    if line.startswith("step 3/"):
       proc.send_signal(signal.SIGKILL)
       break
   proc.wait(timeout=60)
   assert proc.returncode == -signal.SIGKILL, "".join(seen[-20:])
   saved = committed(killed)
-  assert max(saved, default=0) <= 12, saved
+  assert max(saved, default=0) <= 3, saved
   out = subprocess.run(cli_args(tokenizer_dir, digits_data_dir, killed, *common), env=env, check=True,
                        capture_output=True, text=True, timeout=600)
   assert (f"resumed from {killed}/checkpoints/{max(saved)}" if saved else "initialized from scratch") in out.stdout
   assert "taking over the stale lock" in out.stdout and f"pid {proc.pid} no longer runs" in out.stdout
-  a, b = load_state(straight, total), load_state(killed, total)
+  a, b = short_run[1], load_state(killed, total)
   import jax
   la, lb = jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_flatten_with_path(b)[0]
   assert [p for p, _ in la] == [p for p, _ in lb]
   for (path, x), (_, y) in zip(la, lb):
     np.testing.assert_array_equal(x, y, err_msg=str(path))
-  ca, cb = read_curve(straight), read_curve(killed)
+  ca, cb = read_curve(short_run[0]), read_curve(killed)
   assert logged_steps(killed) == list(range(1, total + 1)), "each step once in metrics.jsonl"
   for s in range(1, total + 1):
     assert ca[s]["loss"] == cb[s]["loss"], s
-
-
-@pytest.mark.slow
-def test_a_second_trainer_is_refused_and_sigterm_saves_through_the_cli(tokenizer_dir, digits_data_dir, tmp_path):
-  env = env_with_devices(2)
-  workdir = tmp_path / "run"
-  args = cli_args(tokenizer_dir, digits_data_dir, workdir, "--config.total_steps=100000",
-                  "--config.save_every=100000", "--config.log_every=1")
-  first = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-  seen = []
-  for line in first.stdout:
-    seen.append(line)
-    if line.startswith("step 2/"):
-      break
-  second = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
-  assert second.returncode == 2, second.stderr
-  assert f"another trainer holds this workdir (host {socket.gethostname()}, pid {first.pid}" in second.stderr
-  assert "Traceback" not in second.stderr and len(second.stderr.strip().splitlines()) == 1, second.stderr
-  first.send_signal(signal.SIGTERM)
-  rest, _ = first.communicate(timeout=120)
-  assert first.returncode == 0, "".join(seen) + rest
-  last = [line for line in rest.splitlines() if line.startswith("SIGTERM")]
-  assert last and last[0].startswith("SIGTERM: saved step "), rest
-  step = int(last[0].split("saved step ")[1].split()[0])
-  assert committed(workdir) == [step]
-  assert logged_steps(workdir) == list(range(1, step + 1))
-  assert not (workdir / "lock.json").exists()
 
 
 def spawn_processes(n, args, devices_per_process=2):
@@ -137,17 +118,11 @@ def spawn_processes(n, args, devices_per_process=2):
 @pytest.mark.slow
 def test_sigterm_on_one_host_stops_every_host_at_the_same_saved_step(tokenizer_dir, digits_data_dir, tmp_path):
   """2 processes x 2 devices; the preemption notice reaches process 1 only. Both stop after the same step
-  (JAX's preemption sync point), that step is committed, and the resumed run (through launch/local_multihost.sh)
-  ends with the loss curve of one process x 8 devices at every step."""
+  (JAX's preemption sync point): both wrote their part of that step's checkpoint, it is committed, and the
+  loss curve up to it equals that of one process x 8 devices (the same batches: process_sharding=rows)."""
   total = 30
   common = [f"--config.total_steps={total}", "--config.save_every=1000", "--config.log_every=1",
             "--config.data.process_sharding=rows", "--config.mesh.fsdp=-1"]
-  # The reference: one process (this one, its 8 devices), the same config, never stopped.
-  from lmfusion_jax.run_config import apply_overrides, load_config
-  from lmfusion_jax.training.loop import train
-  single = tmp_path / "single"
-  train(apply_overrides(load_config(str(REPO / "configs/tiny.py")), cli_args(tokenizer_dir, digits_data_dir,
-                                                                             single, *common)[6:]))
   multi = tmp_path / "multi"
   procs = spawn_processes(2, cli_args(tokenizer_dir, digits_data_dir, multi, *common))
   seen = []
@@ -163,16 +138,39 @@ def test_sigterm_on_one_host_stops_every_host_at_the_same_saved_step(tokenizer_d
   assert claim, outs[0]
   step = int(claim[0].split("saved step ")[1].split()[0])
   assert 3 <= step < total and committed(multi) == [step]
-  env = env_with_devices(2)
-  env["DEVICES_PER_PROCESS"] = "2"
-  env["LOG_DIR"] = str(tmp_path / "logs")
-  r = subprocess.run(["bash", str(REPO / "launch/local_multihost.sh"), "2",
-                      *cli_args(tokenizer_dir, digits_data_dir, multi, *common)],
-                     env=env, capture_output=True, text=True, timeout=900)
-  assert r.returncode == 0, r.stderr + (tmp_path / "logs" / "process_0.log").read_text()[-3000:]
-  assert f"resumed from {multi}/checkpoints/{step}" in (tmp_path / "logs" / "process_0.log").read_text()
+  data = multi / "checkpoints" / str(step) / "data"
+  assert sorted(f.name for f in data.iterdir() if f.name.startswith("process_")) == \
+      ["process_0-of-2.json", "process_1-of-2.json"], "each process saved its data state at that step"
+  # The reference: one process (this one, its 8 devices), the same config, never stopped.
+  from lmfusion_jax.run_config import apply_overrides, load_config
+  from lmfusion_jax.training.loop import train
+  single = tmp_path / "single"
+  train(apply_overrides(load_config(str(REPO / "configs/tiny.py")), cli_args(tokenizer_dir, digits_data_dir,
+                                                                             single, *common)[6:]))
   c1, c2 = read_curve(single), read_curve(multi)
-  assert logged_steps(multi) == list(range(1, total + 1))
-  for s in c1:
+  assert logged_steps(multi) == list(range(1, step + 1))
+  for s in range(1, step + 1):
     for k in ("loss", "text_loss", "image_loss"):
       assert abs(c1[s][k] - c2[s][k]) <= 1e-5, (s, k, c1[s][k], c2[s][k])
+
+
+def test_the_local_launcher_forwards_sigterm_and_waits_for_the_processes(tmp_path):
+  """launch/local_multihost.sh: a SIGTERM to the launcher reaches every process, which may take their time
+  to save; the launcher waits for them and exits 0 when they all do."""
+  child = ("import os, signal, sys, time\n"
+           "def stop(*_):\n"
+           "  time.sleep(1.0); open(os.environ['LMFUSION_PROCESS_ID'] + '.stopped', 'w').close(); sys.exit(0)\n"
+           "signal.signal(signal.SIGTERM, stop)\n"
+           "open(os.environ['LMFUSION_PROCESS_ID'] + '.ready', 'w').close()\n"
+           "time.sleep(60)\n")
+  env = dict(os.environ, LOG_DIR=str(tmp_path / "logs"))
+  launcher = subprocess.Popen(["bash", str(REPO / "launch/local_multihost.sh"), "2", sys.executable, "-c", child],
+                              cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  import time
+  deadline = time.time() + 60
+  while not all((tmp_path / f"{i}.ready").exists() for i in range(2)) and time.time() < deadline:
+    time.sleep(0.1)
+  launcher.send_signal(signal.SIGTERM)
+  out, _ = launcher.communicate(timeout=60)
+  assert launcher.returncode == 0, out
+  assert all((tmp_path / f"{i}.stopped").exists() for i in range(2)), out

@@ -23,7 +23,7 @@ from lmfusion_jax.models import sharded
 from lmfusion_jax.models.config import ConfigError
 
 # Config fields that hold a local path or URL; made absolute at the boundary (gs:// untouched).
-PATH_FIELDS = ("workdir", "init_from", "data.data_dir", "data.tokenizer_dir", "eval.vae_dir")
+PATH_FIELDS = ("workdir", "init_from", "data.data_dir", "data.tokenizer_dir", "eval.vae_dir", "model.hf_config")
 # The Llama fields that fix the parameter shapes (an init checkpoint must agree on all of them).
 LLAMA_ARCH = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "tie_embeddings")
 # The fusion fields that fix the image branch's structure.
