@@ -1,10 +1,10 @@
 r"""A CPU-sized LMFusion on the embedded digits data: the config tests, CI and the demo build on.
 
-  lmfusion-jax train --config configs/tiny.py --config.workdir=/tmp/tiny \
-      --config.data.tokenizer_dir=/tmp/tok --config.data.data_dir=/tmp/tfds
+  lmfusion-jax train --config configs/tiny.py --config.workdir=run
 
-The tokenizer must have at most `model.vocab_size` tokens; BOI/EOI (fusion.boi_id / eoi_id = -1) and
-BOS/EOS are taken from it.
+With data.data_dir / data.tokenizer_dir left empty, the digits dataset and a tokenizer are built once under
+~/.cache/lmfusion_jax ($LMFUSION_JAX_CACHE) and used from there. A tokenizer of your own must have at most
+`model.vocab_size` tokens; BOI/EOI (fusion.boi_id / eoi_id = -1) and BOS/EOS are taken from it.
 """
 from lmfusion_jax.run_config import base_config
 
