@@ -31,6 +31,8 @@ COMMANDS = {
     "caption": ("lmfusion_jax.commands.caption", "greedy captions of image files"),
     "eval": ("lmfusion_jax.commands.evaluate",
              "held-out metrics (text NLL, diffusion loss, CIDEr-D, accuracies, FID) as JSON, on any mesh"),
+    "eval-text": ("lmfusion_jax.commands.eval_text",
+                  "lm-evaluation-harness text tasks (HellaSwag, ...) on the text branch of any checkpoint"),
     "plan": ("lmfusion_jax.commands.plan",
              "compile the train step for a TPU topology on this host: HBM fit, FLOPs, step time, MFU"),
 }

@@ -155,6 +155,11 @@ def _run_steps(cfg, spec, tx, lr_fns, mesh, state, data_iter, rows, checkpointer
   workdir = epath.Path(cfg.workdir)
   first_host = next(data_iter)
   batch_lib.check_batch(first_host, cfg.data.text_len, cfg.data.image_slots)
+  want = (fcfg.latent_size, fcfg.latent_size, fcfg.latent_channels)
+  if cfg.data.image_slots and tuple(first_host["latents"].shape[2:]) != want:
+    raise ConfigError(f"data ({cfg.data.dataset} in {cfg.data.data_dir}) has latents of shape "
+                      f"{tuple(first_host['latents'].shape[2:])}, the model expects {want} (fusion.latent_size, "
+                      f"fusion.latent_channels{' from init_from' if cfg.model.get('preset') == 'init' else ''})")
   first = global_batch(first_host, mesh, rows)
   step_fn = ts.jit_train_step(spec, tx, mesh, first, lr_fns)
   with jax.set_mesh(mesh):

@@ -104,13 +104,13 @@ def resolve_run_config(cfg, log: Callable[[str], None] = print):
   absolutize_paths(cfg)
   validate_run_config(cfg)
   model_from_init(cfg)
-  ensure_data_assets(cfg, log)
   if not cfg.data.tokenizer_dir and cfg.init_from:
     from lmfusion_jax.checkpoints import params as params_io
     own = epath.Path(cfg.init_from) / params_io.TOKENIZER_DIR
     if params_io.has_tokenizer(own):
       cfg.data.tokenizer_dir = str(own)
       log(f"data.tokenizer_dir: the tokenizer of init_from ({own})")
+  ensure_data_assets(cfg, log)
   if not cfg.data.tokenizer_dir:
     raise ConfigError("data.tokenizer_dir is empty: set --config.data.tokenizer_dir=DIR")
   return cfg
