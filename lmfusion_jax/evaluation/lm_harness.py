@@ -8,6 +8,8 @@ Tokenization, context/continuation splitting and empty-context handling are lm-e
 BOS), so per-request log-likelihoods match lm-eval's `hf` model on the same weights. Scoring runs one jitted
 forward per batch of right-padded rows (lengths rounded up to a multiple of 64, so few shapes compile) and
 returns only per-token log-probabilities and greedy hits to the host, never [batch, seq, vocab] logits.
+The parameters are restored sharded over every device (the default ("data", "fsdp", "tensor") mesh) and the
+rows of a batch are split over its data x fsdp axes (the batch size is rounded up to a multiple of them).
 Rows longer than the model's max_seq_len keep their last max_seq_len tokens, as lm-eval's `hf` model does.
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from lm_eval.api.model import TemplateLM
 
 from lmfusion_jax.models import sharded
@@ -49,9 +52,12 @@ class HarnessLM(TemplateLM):
     if not tok_dir:
       raise ConfigError(f"--checkpoint {checkpoint}: no tokenizer travels with it; pass --tokenizer DIR")
     self.tokenizer = load_tokenizer(tok_dir)
-    self.lcfg, self.params = loading.load_text(checkpoint, dtype=dtype)
+    self.mesh = loading.default_mesh()          # parameters sharded over every device, rows over data x fsdp
+    self.lcfg, self.params = loading.load_text(checkpoint, dtype=dtype, mesh=self.mesh)
     self.params = {"text": self.params}
-    self.batch_size = int(batch_size)
+    shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+    self.batch_size = -(-int(batch_size) // shards) * shards   # a whole number of rows per batch shard
+    self._rows = NamedSharding(self.mesh, P(("data", "fsdp"), None))
     self.max_gen_toks = int(max_gen_toks)
     self._score = _score_fn(self.lcfg)
 
@@ -94,7 +100,9 @@ class HarnessLM(TemplateLM):
       for i, (whole, _) in enumerate(chunk):
         tokens[i, :len(whole) - 1] = whole[:-1]
         targets[i, :len(whole) - 1] = whole[1:]
-      logp, hit = jax.device_get(self._score(self.params, tokens, targets))
+      with jax.set_mesh(self.mesh):
+        logp, hit = jax.device_get(self._score(self.params, jax.device_put(tokens, self._rows),
+                                               jax.device_put(targets, self._rows)))
       for i, (whole, n_cont) in enumerate(chunk):
         end = len(whole) - 1
         window = slice(end - n_cont, end)

@@ -93,18 +93,19 @@ def checkpoint_llama_config(checkpoint) -> LlamaConfig:
   return configs_from_record(run_record(path), str(path / train_state.RUN_CONFIG))[0]
 
 
-def load_text(checkpoint, dtype: Optional[str] = None, step: Optional[int] = None):
-  """(LlamaConfig, the `text` params as host-committed arrays) of any kind of checkpoint; only the text
-  branch is read. `dtype` casts parameters (and the compute dtype)."""
+def load_text(checkpoint, dtype: Optional[str] = None, step: Optional[int] = None, mesh: Optional[Mesh] = None):
+  """(LlamaConfig, the `text` params) of any kind of checkpoint; only the text branch is read. With `mesh`
+  the parameters are restored sharded onto it (logical axis rules), else onto one device. `dtype` casts the
+  parameters (and the compute dtype)."""
+  import jax
   kind, path, path_step = resolve(checkpoint)
   if kind == "params":
     llama, _ = params_ckpt.read_model_config(path)
-    text = params_ckpt.load_params(path, subtree="text", dtype=dtype)
+    text = params_ckpt.load_params(path, mesh=mesh, subtree="text", dtype=dtype)
   else:
     record = run_record(path)
     llama, fusion, _ = configs_from_record(record, str(path / train_state.RUN_CONFIG))
-    import jax
-    mesh = sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
+    mesh = mesh if mesh is not None else sharding.make_mesh(data=1, fsdp=1, tensor=1, devices=jax.devices()[:1])
     target = {"text": sharded.abstract_params(llama, fusion, mesh)["text"]}
     params, _ = train_state.restore_params_only(path / train_state.CHECKPOINTS_DIR,
                                                 path_step if step is None else step, target)
