@@ -36,6 +36,10 @@ def run(args) -> int:
   from lmfusion_jax.checkpoints.files import absolute_path, write_text
   from lmfusion_jax.errors import UserError
   from lmfusion_jax.evaluation.lm_harness import HarnessLM
+  from lmfusion_jax import logs
+  if not logs.verbose():   # lm-eval's notes on task defaults (aggregation=mean, ...) only with --verbose
+    import logging
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
   manager = TaskManager(include_path=absolute_path(args.include_path) if args.include_path else None)
   tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
   known = set(manager.all_tasks)

@@ -85,13 +85,18 @@ class HarnessLM(TemplateLM):
   def tok_decode(self, tokens) -> str:
     return self.tokenizer.decode(tokens)
 
+  def loglikelihood(self, requests, disable_tqdm: bool = False) -> list:
+    return super().loglikelihood(requests, disable_tqdm=True)   # progress: ours, per batch (below)
+
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list:
     """[(key, context ids, continuation ids)] -> [(sum log p(continuation | context), greedy?)]."""
     rows = []
     for _, context, continuation in requests:
       whole = (list(context) + list(continuation))[-(self.max_length + 1):]
       rows.append((whole, min(len(continuation), len(whole) - 1)))
+    from lmfusion_jax.progress import Progress
     out = []
+    progress = Progress(len(rows), "eval-text", unit="request", enabled=None if len(rows) > self.batch_size else False)
     for start in range(0, len(rows), self.batch_size):
       chunk = rows[start:start + self.batch_size]
       length = min(self.max_length, -(-max(len(w) - 1 for w, _ in chunk) // BUCKET) * BUCKET)
@@ -107,6 +112,8 @@ class HarnessLM(TemplateLM):
         end = len(whole) - 1
         window = slice(end - n_cont, end)
         out.append((float(np.sum(logp[i, window], dtype=np.float64)), bool(np.all(hit[i, window]))))
+      progress.update(len(chunk))
+    progress.close()
     return out
 
   def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list:
