@@ -31,6 +31,13 @@ def absolute_path(path) -> str:
   return os.path.abspath(os.path.expanduser(text))
 
 
+def missing_or_empty(folder, names) -> list:
+  """The `names` (relative paths) absent under `folder`, or empty files: what names a damaged checkpoint."""
+  folder = epath.Path(folder)
+  return [n for n in names if not (folder / n).exists() or
+          (not (folder / n).is_dir() and (folder / n).stat().length == 0)]
+
+
 class OutputExistsError(UserError):
   """An output path exists and the caller did not ask to replace it."""
 

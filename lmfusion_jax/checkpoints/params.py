@@ -34,7 +34,7 @@ from orbax.checkpoint import multihost
 import orbax.checkpoint.experimental.v1 as ocp
 import tensorstore as ts
 
-from lmfusion_jax.checkpoints.files import CheckpointError, write_text
+from lmfusion_jax.checkpoints.files import CheckpointError, missing_or_empty, write_text
 from lmfusion_jax.models.config import (DTYPES, ConfigError, FusionConfig, LlamaConfig, fusion_config_from,
                                         llama_config_from)
 from lmfusion_jax.models import sharded
@@ -339,8 +339,7 @@ PARAMS_FILES = ("_CHECKPOINT_METADATA", f"{PYTREE_DIR}/_METADATA", f"{PYTREE_DIR
 
 
 def _missing_files(p: epath.Path) -> list:
-  return [f for f in PARAMS_FILES if not (p / PARAMS_DIR / f).exists() or
-          (not (p / PARAMS_DIR / f).is_dir() and (p / PARAMS_DIR / f).stat().length == 0)]
+  return missing_or_empty(p / PARAMS_DIR, PARAMS_FILES)
 
 
 def _damaged(p: epath.Path, error: Exception) -> CheckpointError:

@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from lmfusion_jax.checkpoints.files import CheckpointError, absolute_path
+from lmfusion_jax.checkpoints.files import CheckpointError, absolute_path, missing_or_empty
 
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS_DIR = "checkpoints"   # WORKDIR/checkpoints/<step>/{state,data}
@@ -28,7 +28,7 @@ STEP_FILES = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt")
 def step_problems(step_dir) -> list:
   """The expected files missing or empty in a step folder ([] = looks complete)."""
   step_dir = epath.Path(step_dir)
-  bad = [f for f in STEP_FILES if not (step_dir / f).exists() or (step_dir / f).stat().length == 0]
+  bad = missing_or_empty(step_dir, STEP_FILES)
   if (step_dir / "data").exists() and not any((step_dir / "data").glob("process_*")):
     bad.append("data/process_*.json")
   return bad

@@ -58,25 +58,28 @@ def load_model(checkpoint, mesh: Optional[Mesh] = None, step: Optional[int] = No
       raise CheckpointError(f"{path}: a text-only params checkpoint (its {params_ckpt.CONFIG_FILE} has no "
                             f"fusion config); image generation and captioning need an LMFusion checkpoint")
     params = params_ckpt.load_params(path, mesh=mesh, shardings=sharded.model_shardings(llama, fusion, mesh))
-    return LoadedModel(llama, fusion, DiffusionConfig(), params, mesh, None, checkpoint_tokenizer(path))
+    return LoadedModel(llama, fusion, DiffusionConfig(), params, mesh, None, _tokenizer_of(path, None))
   record = run_record(path)
   llama, fusion, diffusion = configs_from_record(record, str(path / train_state.RUN_CONFIG))
   target = sharded.abstract_params(llama, fusion, mesh)
   params, _ = train_state.restore_params_only(path / train_state.CHECKPOINTS_DIR,
                                               path_step if step is None else step, target)
-  return LoadedModel(llama, fusion, diffusion, params, mesh, record.get("config"), checkpoint_tokenizer(path))
+  return LoadedModel(llama, fusion, diffusion, params, mesh, record.get("config"),
+                     _tokenizer_of(path, record.get("config")))
 
 
 def checkpoint_tokenizer(checkpoint) -> Optional[str]:
   """The tokenizer folder of any kind of checkpoint (see the module docstring), or None."""
   kind, path, _ = resolve(checkpoint)
+  return _tokenizer_of(path, run_record(path).get("config") if kind == "train" else None)
+
+
+def _tokenizer_of(path, run_config: Optional[dict]) -> Optional[str]:
+  """CHECKPOINT/tokenizer if it holds one, else the run's recorded data.tokenizer_dir (or None)."""
   own = path / params_ckpt.TOKENIZER_DIR
   if params_ckpt.has_tokenizer(own):
     return str(own)
-  if kind == "train":
-    tok = ((run_record(path).get("config") or {}).get("data") or {}).get("tokenizer_dir")
-    return tok or None
-  return None
+  return ((run_config or {}).get("data") or {}).get("tokenizer_dir") or None
 
 
 def recorded_run_config(checkpoint) -> Optional[dict]:

@@ -176,13 +176,8 @@ def trim_metrics(workdir, last_step: int) -> int:
 def copy_tokenizer(tokenizer_dir, workdir) -> epath.Path:
   """WORKDIR/tokenizer: the run's tokenizer files, copied once (what `sample`/`caption`/`eval` load)."""
   from lmfusion_jax.checkpoints.files import write_dir
+  from lmfusion_jax.checkpoints.params import copy_tokenizer_files
   target = epath.Path(workdir) / TOKENIZER_DIR
   if target.exists():
     return target
-  source = epath.Path(tokenizer_dir)
-
-  def fill(tmp: epath.Path):
-    for f in source.iterdir():
-      if f.is_file():
-        (tmp / f.name).write_bytes(f.read_bytes())
-  return write_dir(target, fill)
+  return write_dir(target, lambda tmp: copy_tokenizer_files(tokenizer_dir, tmp))
