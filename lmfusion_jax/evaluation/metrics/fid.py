@@ -14,12 +14,15 @@ digit classifier fitted on real training digits. Numbers from it are NOT compara
 """
 from __future__ import annotations
 
+import io
 import warnings
 from typing import Callable
 
 import numpy as np
 from scipy import linalg
 
+from lmfusion_jax.checkpoints.files import write_bytes
+from lmfusion_jax.errors import UserError
 from lmfusion_jax.evaluation.metrics.digit_classifier import DigitClassifier, decision_features
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]   # images [N, ...] -> features [N, D]
@@ -85,3 +88,59 @@ def fid_from_images(images_a, images_b, feature_fn: FeatureFn) -> float:
 def digit_feature_fn(clf: DigitClassifier) -> FeatureFn:
   """Digits-demo extractor: the digit classifier's logits [N, 10]. NOT Inception FID."""
   return lambda images: decision_features(clf, images)
+
+
+# pytorch-fid's statistics files: an .npz with `mu` [D] and `sigma` [D, D] (float64), as its `save_fid_stats`
+# writes them (`lmfusion-jax fid-stats` writes the same).
+INCEPTION_DIM = 2048
+
+
+def save_fid_stats(mu, sigma, path) -> str:
+  """Writes mu [D] / sigma [D, D] (float64) as an .npz at `path`, atomically."""
+  mu, sigma = _mean_cov(mu, sigma, f"save_fid_stats {path}")
+  buf = io.BytesIO()
+  np.savez_compressed(buf, mu=mu, sigma=sigma)
+  write_bytes(path, buf.getvalue())
+  return str(path)
+
+
+def load_fid_stats(path, dim: int | None = INCEPTION_DIM) -> tuple[np.ndarray, np.ndarray]:
+  """(mu [D], sigma [D, D]) from an .npz with keys `mu`, `sigma` (pytorch-fid's format); `dim` (default the
+  Inception pool3 width, None: any) is checked. Raises UserError naming the file."""
+  try:
+    with np.load(path, allow_pickle=False) as f:
+      missing = [k for k in ("mu", "sigma") if k not in f.files]
+      if missing:
+        raise UserError(f"{path}: FID statistics need keys 'mu' and 'sigma'; missing {missing} "
+                        f"(found {sorted(f.files)})")
+      mu, sigma = f["mu"], f["sigma"]
+  except UserError:
+    raise
+  except Exception as e:   # OSError, ValueError (a pickle refused), zipfile.BadZipFile, EOFError ...
+    raise UserError(f"{path}: not a readable .npz of FID statistics ({type(e).__name__}: {e})") from e
+  want = "[D], [D, D]" if dim is None else f"[{dim}], [{dim}, {dim}]"
+  d = mu.shape[0] if mu.ndim == 1 else -1
+  if mu.ndim != 1 or sigma.shape != (d, d) or (dim is not None and d != dim):
+    raise UserError(f"{path}: FID statistics have mu {list(mu.shape)} and sigma {list(sigma.shape)}; expected "
+                    f"{want} (Inception pool3 statistics, e.g. from `lmfusion-jax fid-stats`)")
+  if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+    raise UserError(f"{path}: FID statistics have NaN or Inf entries")
+  return mu.astype(np.float64), sigma.astype(np.float64)
+
+
+def fid_from_stats(a, b, dim: int | None = INCEPTION_DIM) -> float:
+  """Frechet distance between two statistics: each an .npz path (pytorch-fid's format) or a (mu, sigma)
+  pair; both must be `dim`-dimensional (default 2048; None: any, but equal)."""
+  def stats(x, which):
+    if not isinstance(x, (tuple, list)):
+      return load_fid_stats(x, dim)
+    mu, sigma = _mean_cov(*x, f"fid_from_stats: the {which} statistics")
+    if dim is not None and mu.shape[0] != dim:
+      raise UserError(f"fid_from_stats: the {which} statistics are {mu.shape[0]}-dimensional, expected {dim}")
+    return mu, sigma
+  (mu1, s1), (mu2, s2) = stats(a, "first"), stats(b, "second")
+  if mu1.shape != mu2.shape:
+    name = lambda x, which: which if isinstance(x, (tuple, list)) else str(x)
+    raise UserError(f"fid_from_stats: {name(a, 'the first statistics')} are {mu1.shape[0]}-dimensional, "
+                    f"{name(b, 'the second statistics')} {mu2.shape[0]}-dimensional")
+  return frechet_distance(mu1, s1, mu2, s2)
