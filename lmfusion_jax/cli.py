@@ -27,6 +27,8 @@ COMMANDS = {
                           "pytorch-fid's Inception-v3 weights (.pth / safetensors) -> Flax FID Inception"),
     "fid-stats": ("lmfusion_jax.commands.fid_stats",
                   "Inception FID statistics (mu, sigma; pytorch-fid's .npz) of an image folder"),
+    "convert-clip": ("lmfusion_jax.commands.convert_clip",
+                     "Hugging Face CLIPModel (safetensors + tokenizer) -> Flax CLIP checkpoint (for CLIP score)"),
     "export-llama": ("lmfusion_jax.commands.export_llama",
                      "text branch of any checkpoint -> Hugging Face Llama folder (+ its tokenizer)"),
     "generate": ("lmfusion_jax.commands.generate_text",

@@ -233,21 +233,31 @@ def ddim_step(x_t: jax.Array, eps: jax.Array, abar: jax.Array, abar_prev: jax.Ar
 
 def _run_chain(step_fn, eps_fn: EpsFn, schedule: Schedule, rng: jax.Array, shape: Sequence[int],
                timesteps: np.ndarray, x_T: Optional[jax.Array]) -> jax.Array:
-  """Runs x_T -> x0 over `timesteps` (ascending) from the last to the first with lax.scan."""
+  """Runs x_T -> x0 over `timesteps` (ascending) from the last to the first with lax.scan. `rng`: one key, or
+  a key per row ([N], e.g. folded from each image's id) so an image does not depend on its batch."""
   shape = tuple(shape) if x_T is None else tuple(x_T.shape)
   if len(shape) < 1:
     raise ValueError(f"sample shape {shape} needs a leading batch dim")
-  init_rng, steps_rng = jax.random.split(rng)
-  x = jax.random.normal(init_rng, shape, jnp.float32) if x_T is None else jnp.asarray(x_T, jnp.float32)
   ts = jnp.asarray(timesteps, jnp.int32)                              # [K]
   abar = schedule.alphas_cumprod[ts]                                 # [K]
   abar_prev = jnp.concatenate([jnp.ones((1,), jnp.float32), abar[:-1]])
-  keys = jax.random.split(steps_rng, len(timesteps))
+  if rng.ndim == 0:      # one key for the whole batch
+    init_rng, steps_rng = jax.random.split(rng)
+    draw = lambda key: jax.random.normal(key, shape, jnp.float32)
+    keys = jax.random.split(steps_rng, len(timesteps))                # [K]
+  else:                  # a key per row [N]: each row's noise is independent of the rest of the batch
+    if rng.shape != (shape[0],):
+      raise ValueError(f"per-row keys {rng.shape} do not match the batch of {shape[0]}")
+    split = jax.vmap(jax.random.split)(rng)                          # [N, 2]
+    init_rng, steps_rng = split[:, 0], split[:, 1]
+    draw = jax.vmap(lambda key: jax.random.normal(key, shape[1:], jnp.float32))
+    keys = jax.vmap(lambda k: jax.random.split(k, len(timesteps)))(steps_rng).T   # [K, N]
+  x = draw(init_rng) if x_T is None else jnp.asarray(x_T, jnp.float32)
 
   def body(x, inp):
     t, a, a_prev, key = inp
     eps = eps_fn(x, jnp.full((shape[0],), t, jnp.int32)).astype(jnp.float32)
-    noise = jax.random.normal(key, shape, jnp.float32)  # unused on the last step (abar_prev = 1 -> std 0)
+    noise = draw(key)  # unused on the last step (abar_prev = 1 -> std 0)
     return step_fn(x, eps, a, a_prev, noise), None
 
   xs = (ts[::-1], abar[::-1], abar_prev[::-1], keys[::-1])

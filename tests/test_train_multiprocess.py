@@ -102,7 +102,7 @@ def test_a_second_trainer_is_refused_then_kill_during_an_async_save_and_resume_b
     assert ca[s]["loss"] == cb[s]["loss"], s
 
 
-def spawn_processes(n, args, devices_per_process=2):
+def spawn_processes(n, args, devices_per_process=2, cwd=None):
   """n cooperating processes of one job (what launch/local_multihost.sh does), stdout piped."""
   import socket as socket_lib
   with socket_lib.socket() as s:
@@ -112,7 +112,8 @@ def spawn_processes(n, args, devices_per_process=2):
   for i in range(n):
     env = env_with_devices(devices_per_process)
     env.update(LMFUSION_COORDINATOR=f"127.0.0.1:{port}", LMFUSION_NUM_PROCESSES=str(n), LMFUSION_PROCESS_ID=str(i))
-    procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  cwd=cwd))
   return procs
 
 

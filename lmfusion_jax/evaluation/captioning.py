@@ -6,6 +6,7 @@ import numpy as np
 
 from lmfusion_jax.data import eval_sets
 from lmfusion_jax.evaluation import metrics
+from lmfusion_jax.evaluation import distributed
 from lmfusion_jax.evaluation.setup import EvalSetup
 from lmfusion_jax.inference.caption import caption_images
 
@@ -16,9 +17,15 @@ class Captioning:
 
   def run(self, s: EvalSetup) -> dict:
     ev = s.cfg.eval
-    latents = np.stack([r["latent"] for r in s.records])
-    captions = caption_images(s.model, s.tokenizer, latents, max_new_tokens=int(ev.caption_max_new_tokens),
-                              batch_size=int(ev.batch_size), progress_desc="eval captioning")
+    mine = distributed.share(range(len(s.records)))   # several processes: each captions every P-th record
+    local = {}
+    if mine:
+      latents = np.stack([s.records[i]["latent"] for i in mine])
+      local = dict(zip(mine, caption_images(s.model, s.tokenizer, latents,
+                                            max_new_tokens=int(ev.caption_max_new_tokens),
+                                            batch_size=int(ev.batch_size), progress_desc="eval captioning")))
+    every = distributed.gather_json(local)
+    captions = [every[i] for i in range(len(s.records))]
     refs = {i: eval_sets.references(s.cfg.data.dataset, r) for i, r in enumerate(s.records)}
     out = {"cider_d": metrics.cider_d(dict(enumerate(captions)), refs)[0]}
     if all(r["label"] is not None for r in s.records):

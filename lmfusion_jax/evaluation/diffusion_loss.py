@@ -11,6 +11,7 @@ import numpy as np
 from lmfusion_jax.data.batch import global_batch
 from lmfusion_jax.data.packing import empty_row, pack_documents
 from lmfusion_jax.data.sequences import layout_document
+from lmfusion_jax.evaluation import distributed
 from lmfusion_jax.evaluation.setup import EvalSetup, batch_rows, stack_batches
 from lmfusion_jax.inference.sampler import latent_shape
 from lmfusion_jax.progress import Progress
@@ -23,18 +24,22 @@ def diffusion_losses(params, spec: ts.StepSpec, batches: list, timesteps: Sequen
   Batches done (over all timesteps) are reported under `progress_desc` when given."""
   step = jax.jit(ts.make_eval_step(spec))
   out = {}
-  with jax.set_mesh(mesh), Progress(len(batches) * len(timesteps), progress_desc, "batch",
+  mine = distributed.share(range(len(batches)))   # several processes: each takes every P-th batch
+  local = {}
+  with jax.set_mesh(mesh), Progress(len(mine) * len(timesteps), progress_desc, "batch",
                                     enabled=None if progress_desc else False) as progress:
-    gbatches = [global_batch(b, mesh) for b in batches]
-    for t in timesteps:
-      total, count = 0.0, 0.0
-      for i, b in enumerate(gbatches):
+    for i in mine:
+      b = global_batch(batches[i], mesh)
+      for t in timesteps:
         tt = jnp.full(b["image_segment_ids"].shape, t, jnp.int32)
         m = step(params, b, jax.random.fold_in(jax.random.key(noise_seed), i), tt)
-        total += float(m["image_loss"]) * float(m["images"])
-        count += float(m["images"])
+        local[f"{i}/{int(t)}"] = [float(m["image_loss"]) * float(m["images"]), float(m["images"])]
         progress.update(1, t=int(t))
-      out[int(t)] = total / max(count, 1.0)
+  every = distributed.gather_json(local)
+  for t in timesteps:   # summed in batch order: the same number on any process count
+    total = sum(every[f"{i}/{int(t)}"][0] for i in range(len(batches)))
+    count = sum(every[f"{i}/{int(t)}"][1] for i in range(len(batches)))
+    out[int(t)] = total / max(count, 1.0)
   return out
 
 

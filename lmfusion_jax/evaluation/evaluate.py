@@ -8,8 +8,9 @@ One evaluator per metric family, chosen by `config.eval.evaluators` (in the spir
 The dataset supplies references and prompts (lmfusion_jax.data.eval_sets). Everything is deterministic (fixed
 eval records, fixed noise seeds, greedy captions), so the same checkpoint gives the same numbers on any device
 count / mesh (up to float reduction order). Sizes (`config.eval`, defaults in `setup.default_eval_config()`,
-override with --config.eval.k=v) keep CI runs small. Single-process (every host would evaluate the same
-records).
+override with --config.eval.k=v) keep CI runs small. On several processes each holds the model on its own
+devices and takes every P-th batch / record / prompt; results are gathered once (evaluation.distributed), so
+1 process x 4 devices and 2 processes x 2 devices give the same numbers.
 """
 from __future__ import annotations
 
@@ -39,13 +40,13 @@ def make_evaluators(names: Sequence[str], feature_fn=None) -> list:
 
 
 def evaluate(checkpoint, config=None, overrides: Sequence[str] = (), *, mesh=None, step: Optional[int] = None,
-             feature_fn: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> dict:
+             feature_fn: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+             tokenizer_dir: Optional[str] = None) -> dict:
   """Metrics of `checkpoint` (training workdir, step dir or params checkpoint) as a JSON-able dict."""
-  if jax.process_count() > 1:
-    raise RuntimeError("evaluate runs in a single process (it would evaluate the same records on every host)")
-  setup = prepare(checkpoint, config, overrides, mesh=mesh, step=step)
+  setup = prepare(checkpoint, config, overrides, mesh=mesh, step=step, tokenizer_dir=tokenizer_dir)
   evaluators = make_evaluators(list(setup.cfg.eval.evaluators), feature_fn)
-  result = {"checkpoint": str(checkpoint), "num_examples": len(setup.records), "devices": len(jax.devices())}
+  result = {"checkpoint": str(checkpoint), "num_examples": len(setup.records), "devices": len(jax.devices()),
+            "processes": jax.process_count()}
   for evaluator in evaluators:
     result.update(evaluator.run(setup))
   return result

@@ -11,25 +11,34 @@ import numpy as np
 from lmfusion_jax.data import eval_sets
 from lmfusion_jax.data.batch import padded_chunks
 from lmfusion_jax.evaluation import metrics
+from lmfusion_jax.evaluation import distributed
 from lmfusion_jax.evaluation.setup import EvalSetup, read_records
 from lmfusion_jax.inference.image import generate_images
 from lmfusion_jax.inference.image_files import to_float_images
+from lmfusion_jax.inference.sampler import latent_shape
 from lmfusion_jax.models.config import ConfigError
 from lmfusion_jax.progress import Progress
 
 
-def sample_batched(model, prompt_ids: list, dcfg, ev, clip_x0, pad_id: int) -> np.ndarray:
-  """Latents for every prompt, in batches of eval.batch_size (last batch padded: one compilation)."""
+def sample_batched(model, prompt_ids: list, image_ids: list, dcfg, ev, clip_x0, pad_id: int,
+                   desc: str = "eval generation", on_batch=None) -> np.ndarray:
+  """Latents [N, H, W, C] for every prompt, in batches of eval.batch_size (last batch padded: one compilation).
+  Image n's noise comes from (eval.seed, image_ids[n]) alone, so it does not depend on its batch or process.
+  `on_batch(ids, latents)` is called after each batch (e.g. to write its images)."""
   out = []
-  with Progress(len(prompt_ids), "eval generation", unit="image") as progress:
-    for start, (chunk, real) in zip(range(0, len(prompt_ids), int(ev.batch_size)),
-                                    padded_chunks(prompt_ids, int(ev.batch_size))):
+  bs = int(ev.batch_size)
+  with Progress(len(prompt_ids), desc, unit="image") as progress:
+    for start, (chunk, real) in zip(range(0, len(prompt_ids), bs), padded_chunks(prompt_ids, bs)):
+      ids = list(image_ids[start:start + real])
       lat = generate_images(model, chunk, dcfg, num_steps=int(ev.sampling_steps), sampler=ev.sampler,
-                            cfg_scale=float(ev.cfg_scale), seed=int(ev.seed) + start, eta=float(ev.eta),
-                            clip_x0=clip_x0, pad_id=pad_id)
-      out.append(np.asarray(lat)[:real])
+                            cfg_scale=float(ev.cfg_scale), seed=int(ev.seed), eta=float(ev.eta),
+                            clip_x0=clip_x0, pad_id=pad_id, image_ids=ids + [0] * (len(chunk) - real))
+      lat = np.asarray(lat)[:real]
+      if on_batch is not None:
+        on_batch(ids, lat)
+      out.append(lat)
       progress.update(real)
-  return np.concatenate(out)
+  return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 class Generation:
@@ -43,8 +52,11 @@ class Generation:
     ev, data = s.cfg.eval, s.cfg.data
     prompts, labels = eval_sets.generation_prompts(data.dataset, s.records, int(ev.samples_per_class),
                                                    int(ev.num_generated))
-    latents = sample_batched(s.model, [s.encode(p) for p in prompts], s.loaded.diffusion, ev, s.clip_x0,
-                             s.special["pad"])
+    mine = distributed.share(range(len(prompts)))   # several processes: each samples every P-th prompt
+    local = sample_batched(s.model, [s.encode(prompts[i]) for i in mine], mine, s.loaded.diffusion, ev, s.clip_x0,
+                           s.special["pad"])
+    latents = distributed.gather_rows(dict(zip(mine, local)), len(prompts), latent_shape(s.loaded.fusion),
+                                      np.float32)
     images = to_float_images(latents, s.vae)
     out = {"num_generated": len(prompts)}
     clf = None

@@ -60,13 +60,19 @@ def with_eval_section(cfg) -> ml_collections.ConfigDict:
   return cfg
 
 
-def resolve_config(loaded: loading.LoadedModel, config=None, overrides: Sequence[str] = ()):
+def resolve_config(loaded: loading.LoadedModel, config=None, overrides: Sequence[str] = (),
+                   need_data: bool = True):
   """The run config to evaluate with: `config` (ConfigDict or path[:arg]) or the run's recorded one,
   plus an `eval` section, plus overrides."""
   if config is None:
     if loaded.run_config is None:
-      raise ConfigError("evaluate: a params checkpoint records no data config; pass --config CFG")
-    cfg = ml_collections.ConfigDict(loaded.run_config)
+      if not need_data:   # prompt / image-folder evaluation: the base config's sampling (the paper's) will do
+        from lmfusion_jax.run_config import base_config
+        cfg = base_config()
+      else:
+        raise ConfigError("evaluate: a params checkpoint records no data config; pass --config CFG")
+    else:
+      cfg = ml_collections.ConfigDict(loaded.run_config)
   elif isinstance(config, str):
     cfg = load_config(config)
   else:
@@ -139,12 +145,17 @@ class EvalSetup:
 
 
 def prepare(checkpoint, config=None, overrides: Sequence[str] = (), *, mesh=None,
-            step: Optional[int] = None) -> EvalSetup:
+            step: Optional[int] = None, with_records: bool = True, tokenizer_dir: Optional[str] = None) -> EvalSetup:
+  """The model on `mesh` (default: this process's devices, evaluation.distributed), the config, the tokenizer
+  (`tokenizer_dir`, else the checkpoint's, else data.tokenizer_dir) and, `with_records`, the eval records."""
   from lmfusion_jax.data.tokenizer import CaptionEncoder, load_tokenizer, special_ids
-  loaded = loading.load_model(checkpoint, mesh=mesh, step=step)
-  cfg = resolve_config(loaded, config, overrides)
+  from lmfusion_jax.evaluation.distributed import process_mesh
+  loaded = loading.load_model(checkpoint, mesh=mesh if mesh is not None else process_mesh(), step=step)
+  cfg = resolve_config(loaded, config, overrides, need_data=with_records)
   ev, data = cfg.eval, cfg.data
-  if loaded.tokenizer_dir and (config is None or not data.tokenizer_dir):
+  if tokenizer_dir:
+    data.tokenizer_dir = tokenizer_dir
+  elif loaded.tokenizer_dir and (config is None or not data.tokenizer_dir):
     data.tokenizer_dir = loaded.tokenizer_dir   # the tokenizer that travels with the checkpoint
   if not data.tokenizer_dir:
     raise ConfigError("data.tokenizer_dir is empty: set --config.data.tokenizer_dir=DIR")
@@ -156,12 +167,14 @@ def prepare(checkpoint, config=None, overrides: Sequence[str] = (), *, mesh=None
                       f"checkpoint's model uses {fcfg.boi_id}/{fcfg.eoi_id}")
   vae = load_vae(ev.vae_dir)[1] if ev.vae_dir else None
   clip_x0 = None if ev.clip_x0 == 0 else (float(ev.clip_x0) if ev.clip_x0 > 0 else (None if vae else 1.0))
+  encode = CaptionEncoder(tokenizer)
+  if not with_records:
+    return EvalSetup(loaded, cfg, tokenizer, special, [], [], vae, clip_x0)
   records = read_records(data, data.eval_split, ev.num_examples)
   shape = latent_shape(fcfg)
   bad = [r["id"] for r in records if tuple(r["latent"].shape) != shape]
   if bad:
     raise ConfigError(f"data.{data.eval_split}: record id={bad[0]!r} has a latent of shape "
                       f"{records[0]['latent'].shape}, the model expects {shape}")
-  encode = CaptionEncoder(tokenizer)
   return EvalSetup(loaded, cfg, tokenizer, special, records, [encode(r["caption"]) for r in records], vae,
                    clip_x0)

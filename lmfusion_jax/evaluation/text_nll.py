@@ -11,6 +11,7 @@ import jax
 from lmfusion_jax.data.batch import TEXT_KEYS, global_batch
 from lmfusion_jax.data.packing import empty_row, pack_documents
 from lmfusion_jax.data.sequences import text_document
+from lmfusion_jax.evaluation import distributed
 from lmfusion_jax.evaluation.setup import EvalSetup, batch_rows, stack_batches
 from lmfusion_jax.models import sharded
 from lmfusion_jax.models.config import ConfigError
@@ -29,13 +30,18 @@ def text_nll(params, lcfg, fcfg, batches: list, mesh, progress_desc: str = "") -
     _, n, total = lm_loss(logits, b["targets"], b["loss_mask"])
     return total, n
 
-  total, count = 0.0, 0.0
-  with jax.set_mesh(mesh), Progress(len(batches), progress_desc, "batch",
+  mine = distributed.share(range(len(batches)))   # several processes: each takes every P-th batch
+  local = {}
+  with jax.set_mesh(mesh), Progress(len(mine), progress_desc, "batch",
                                     enabled=None if progress_desc else False) as progress:
-    for b in batches:
-      t, n = nll(params, global_batch(b, mesh))
-      total, count = total + float(t), count + float(n)
+    for i in mine:
+      t, n = nll(params, global_batch(batches[i], mesh))
+      local[i] = [float(t), float(n)]
       progress.update(1)
+  every = distributed.gather_json(local)
+  total, count = 0.0, 0.0
+  for i in range(len(batches)):   # summed in batch order: the same number on any process count
+    total, count = total + every[i][0], count + every[i][1]
   return total / max(count, 1.0), int(count)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from lmfusion_jax.inference.sampler import (DIFFUSION_STATIC, Sampler, check_sampler, guided, latent_shape,
-                                            left_pad, run_diffusion)
+                                            left_pad, run_diffusion, sampling_key)
 from lmfusion_jax.models.inputs import ImageInputs, TextInputs
 from lmfusion_jax.errors import UserError
 
@@ -65,11 +65,12 @@ def _sample_recompute(graphdef, state, tokens, segment_ids, positions, image_pos
 def generate_images(model, prompts: Sequence[Sequence[int]], diffusion_cfg, *, num_steps: int = 250,
                     sampler: str = "ddpm", cfg_scale: float = 1.0, seed: int = 0, eta: float = 0.0,
                     clip_x0: Optional[float] = None, use_cache: bool = True,
-                    pad_id: int = 0, progress=None) -> jax.Array:
+                    pad_id: int = 0, progress=None, image_ids: Optional[Sequence[int]] = None) -> jax.Array:
   """One image per prompt (caption token ids, no special tokens); returns latents float32 [N, H, W, C].
 
   sampler "ddpm" (ancestral, respaced to `num_steps` of the training schedule; the paper uses 250) or "ddim"
-  (deterministic for eta = 0). `seed` fixes the initial noise and every step's noise. `clip_x0` clips the
+  (deterministic for eta = 0). `seed` fixes the initial noise and every step's noise; with `image_ids` (one int
+  per prompt) image n's noise comes from (seed, image_ids[n]) alone, independent of the batch it is in. `clip_x0` clips the
   predicted clean latent (1.0 suits pixel-space data in [-1, 1]; None for VAE latents). `progress` (a
   lmfusion_jax.progress.Progress) is advanced by the number of prompts once their images are done (all
   denoising steps run in one compiled loop).
@@ -97,15 +98,15 @@ def generate_images(model, prompts: Sequence[Sequence[int]], diffusion_cfg, *, n
   if progress is not None:
     out = generate_images(model, prompts, diffusion_cfg, num_steps=num_steps, sampler=sampler,
                           cfg_scale=cfg_scale, seed=seed, eta=eta, clip_x0=clip_x0, use_cache=use_cache,
-                          pad_id=pad_id)
+                          pad_id=pad_id, image_ids=image_ids)
     out = jax.block_until_ready(out)
     progress.update(len(prompts))
     return out
   if not use_cache:
-    return _sample_recompute(*nnx.split(model), tokens, segs, pos, image_pos, jax.random.key(seed),
+    return _sample_recompute(*nnx.split(model), tokens, segs, pos, image_pos, sampling_key(seed, image_ids),
                              jnp.float32(cfg_scale), jnp.float32(eta), dcfg=diffusion_cfg, num_steps=num_steps,
                              sampler=sampler, is_guided=g, clip_x0=clip_x0)
   s = Sampler(model)
   _, cache = s.prefill_arrays(tokens, segs, pos, cache_len=tokens.shape[1])
   return s.denoise(cache, image_pos, diffusion_cfg, num_steps=num_steps, sampler=sampler, cfg_scale=cfg_scale,
-                   seed=seed, eta=eta, clip_x0=clip_x0)
+                   seed=seed, eta=eta, clip_x0=clip_x0, image_ids=image_ids)

@@ -205,6 +205,15 @@ def run_diffusion(eps_batch_fn, dcfg, rng, n: int, shape: tuple, cfg_scale, eta,
   return diffusion.ddim_sample(eps_fn, schedule, rng, (n,) + shape, num_steps, eta, clip_x0=clip_x0)
 
 
+def sampling_key(seed: int, image_ids: Optional[Sequence[int]] = None) -> jax.Array:
+  """One key for the batch, or with `image_ids` (int [N]) a key per image: fold_in(key(seed), id), so an
+  image's noise depends on its id only (the same image on any batch size, device or process count)."""
+  key = jax.random.key(seed)
+  if image_ids is None:
+    return key
+  return jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.asarray(np.asarray(image_ids), jnp.uint32))
+
+
 def latent_shape(fcfg) -> tuple:
   """(H, W, C) of one latent."""
   return (fcfg.latent_size, fcfg.latent_size, fcfg.latent_channels)
@@ -285,8 +294,9 @@ class Sampler:
 
   def denoise(self, cache: decoder.KVCache, image_positions, diffusion_cfg, *, num_steps: int = 250,
               sampler: str = "ddpm", cfg_scale: float = 1.0, seed: int = 0, eta: float = 0.0,
-              clip_x0: Optional[float] = None) -> jax.Array:
+              clip_x0: Optional[float] = None, image_ids: Optional[Sequence[int]] = None) -> jax.Array:
     """Denoises one image per cache row after the cached prefix; returns latents float32 [N, H, W, C].
+    `image_ids` (int [N]): image n's noise comes from (seed, image_ids[n]) alone, whatever its batch.
 
     cache: [R rows] holding each row's prefix (empty slots: segment 0); image_positions int [R]: the position
     of each row's first image token. With guidance (cfg_scale != 1) rows [0, N) are conditional and [N, 2N)
@@ -297,6 +307,6 @@ class Sampler:
     if g and image_positions.shape[0] % 2:
       raise ValueError(f"guided sampling needs 2N cache rows (conditional then unconditional), got "
                        f"{image_positions.shape[0]}")
-    return _denoise(*self._need_fusion("denoise"), cache, image_positions, jax.random.key(seed),
+    return _denoise(*self._need_fusion("denoise"), cache, image_positions, sampling_key(seed, image_ids),
                     jnp.float32(cfg_scale), jnp.float32(eta), dcfg=diffusion_cfg, num_steps=num_steps,
                     sampler=sampler, is_guided=g, clip_x0=clip_x0)
