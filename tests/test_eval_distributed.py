@@ -132,7 +132,10 @@ def test_prompt_eval_one_vs_two_processes_and_resume(frozen_run, inception_dir, 
     assert [x["prompt"] for x in lines] == PROMPTS * 2
 
 
-from test_clip import hf_clip_dir, write_tokenizer  # noqa: E402,F401  (the tiny HF CLIP folder fixture)
+@pytest.fixture(scope="module")
+def hf_clip_dir(tmp_path_factory):
+  from clip_models import make_hf_clip
+  return make_hf_clip(tmp_path_factory.mktemp("clip") / "tiny-clip")
 
 
 @pytest.mark.slow

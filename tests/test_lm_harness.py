@@ -106,3 +106,24 @@ def test_generate_until_equals_lm_evals_hf_model(setup, reference):
           ("the numeral 7", {"until": [" s"], "max_gen_toks": 6})]
   ours = HarnessLM(setup[1], batch_size=4).generate_until(instances("generate_until", args))
   assert ours == reference.generate_until(instances("generate_until", args))
+
+
+@pytest.mark.slow
+def test_eval_text_is_the_same_on_one_and_two_processes(setup, tmp_path):
+  """lm-eval's data-parallel mode over JAX processes: rank r scores the documents r, r + 2, ...; the metrics are
+  gathered to rank 0, which alone writes results.json: equal to one process's."""
+  import subprocess
+  import sys
+  from test_train_multiprocess import env_with_devices, spawn_processes
+  hf, ck, tasks = setup
+  cmd = lambda out: [sys.executable, "-m", "lmfusion_jax.cli", "eval-text", "--checkpoint", ck, "--tasks",
+                     "tiny_mc", "--include-path", tasks, "--batch-size", "4", "--out", str(tmp_path / out)]
+  one = subprocess.run(cmd("one.json"), env=env_with_devices(4), capture_output=True, text=True, timeout=600)
+  assert one.returncode == 0, one.stderr[-3000:]
+  procs = spawn_processes(2, cmd("two.json"))
+  logs = [p.communicate(timeout=600)[0] for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+  a = json.load(open(tmp_path / "one.json"))["results"]["tiny_mc"]
+  b = json.load(open(tmp_path / "two.json"))["results"]["tiny_mc"]
+  assert a == b and "acc,none" in a
+  assert "wrote" in logs[0] and "wrote" not in logs[1]   # only rank 0 writes

@@ -23,7 +23,8 @@ def run(args) -> int:
   import numpy as np
   from flax import nnx
   from lmfusion_jax.checkpoints.files import absolute_path
-  from lmfusion_jax.convert.hf_clip import image_processor_from_hf, load_hf_clip, save_clip
+  from lmfusion_jax.checkpoints.clip import save_clip
+  from lmfusion_jax.convert.hf_clip import image_processor_from_hf, load_hf_clip
   hf_dir = absolute_path(args.hf_dir)
   cfg, model = load_hf_clip(hf_dir)
   processor = image_processor_from_hf(hf_dir, cfg.vision.image_size)

@@ -40,6 +40,8 @@ def run(args) -> int:
   if not logs.verbose():   # lm-eval's notes on task defaults (aggregation=mean, ...) only with --verbose
     import logging
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    import lm_eval.evaluator   # its git hash of the working directory: `git describe` prints "fatal: not a git
+    lm_eval.evaluator.get_git_commit_hash = lambda: None   # repository" outside one; not ours to report anyway
   manager = TaskManager(include_path=absolute_path(args.include_path) if args.include_path else None)
   tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
   known = set(manager.all_tasks)
@@ -48,9 +50,14 @@ def run(args) -> int:
       close = difflib.get_close_matches(t, sorted(known), n=5)
       raise UserError(f"--tasks: lm-eval knows no task {t!r}" + (f" (close: {', '.join(close)})" if close else
                                                                     " (add its YAML with --include-path)"))
+  from lmfusion_jax.run_config import base_config
+  from lmfusion_jax.training import distributed
+  distributed.initialize(base_config().distributed)   # several processes: from the environment
   lm = HarnessLM(args.checkpoint, tokenizer=args.tokenizer, batch_size=args.batch_size)
   results = lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=manager, limit=args.limit,
                                     log_samples=False)
+  if results is None:   # not rank 0: lm-eval gathered this process's metrics to rank 0, which writes them
+    return 0
   text = json.dumps({k: results[k] for k in ("results", "versions", "n-shot", "configs") if k in results},
                     indent=2, default=handle_non_serializable, sort_keys=True)
   write_text(absolute_path(args.out), text + "\n")

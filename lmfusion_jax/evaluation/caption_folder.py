@@ -11,13 +11,15 @@ counted ("skip").
 Written under OUT (each file atomically): captions/FIRST-LAST.jsonl per batch ({"file", "caption"}: a restarted
 run reuses every caption already there), captions.jsonl (all, in file order), results.json and report.md.
 Several processes: each captions the missing images i with i % P == p; the captions are read back after a
-barrier. OUT must be storage every process sees.
+barrier. OUT (and the references file) may be local or gs://, and must be storage every process sees; the image
+folder is read with the local file system (a copy on each host, or a shared mount).
 """
 from __future__ import annotations
 
-import glob
 import json
 import os
+
+from etils import epath
 
 import jax
 import numpy as np
@@ -40,8 +42,7 @@ def read_references(path) -> dict[str, list[str]]:
   """{relative file: [reference captions]} from a .jsonl file (see the module docstring)."""
   path = absolute_path(path)
   try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
+    lines = epath.Path(path).read_bytes().decode("utf-8").splitlines()   # local or gs://
   except FileNotFoundError:
     raise ReferencesError(f"--references {path}: no such file") from None
   except UnicodeDecodeError as e:
@@ -67,11 +68,11 @@ def read_references(path) -> dict[str, list[str]]:
 
 def _done(out_dir: str) -> dict[str, str]:
   done = {}
-  for part in sorted(glob.glob(os.path.join(out_dir, "captions", "*.jsonl"))):
-    with open(part, encoding="utf-8") as f:
-      for line in f:
-        r = json.loads(line)
-        done[r["file"]] = r["caption"]
+  parts = epath.Path(out_dir) / "captions"
+  for part in sorted(parts.glob("*.jsonl")) if parts.exists() else []:   # local or gs://
+    for line in part.read_text(encoding="utf-8").splitlines():
+      r = json.loads(line)
+      done[r["file"]] = r["caption"]
   return done
 
 

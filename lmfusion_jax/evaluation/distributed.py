@@ -40,7 +40,7 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _allgather_bytes(payload: bytes) -> list[bytes]:
+def allgather_bytes(payload: bytes) -> list[bytes]:
   """Every process's `payload`, in process order."""
   n = np.asarray([len(payload)], np.int64)
   lengths = np.asarray(multihost_utils.process_allgather(n)).reshape(-1)
@@ -59,7 +59,7 @@ def gather_json(local: Mapping[Any, Any]) -> dict:
   payload = json.dumps({"int_keys": int_keys, "items": [[k if not isinstance(k, np.integer) else int(k), v]
                                                         for k, v in local.items()]}).encode()
   out = {}
-  for part in _allgather_bytes(payload):
+  for part in allgather_bytes(payload):
     for k, v in json.loads(part.decode())["items"]:
       out[k] = v
   return out

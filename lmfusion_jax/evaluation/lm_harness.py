@@ -8,8 +8,11 @@ Tokenization, context/continuation splitting and empty-context handling are lm-e
 BOS), so per-request log-likelihoods match lm-eval's `hf` model on the same weights. Scoring runs one jitted
 forward per batch of right-padded rows (lengths rounded up to a multiple of 64, so few shapes compile) and
 returns only per-token log-probabilities and greedy hits to the host, never [batch, seq, vocab] logits.
-The parameters are restored sharded over every device (the default ("data", "fsdp", "tensor") mesh) and the
-rows of a batch are split over its data x fsdp axes (the batch size is rounded up to a multiple of them).
+The parameters are restored sharded over this process's devices (a ("data", "fsdp", "tensor") mesh) and the
+rows of a batch are split over its data x fsdp axes (the batch size is rounded up to a multiple of them). On
+several processes each holds its own copy and lm-eval splits the documents by rank (its data-parallel mode:
+rank = jax.process_index(); the gathers go through JAX's multi-host collectives), so 1 x 4 devices and 2 x 2
+give the same results.
 Rows longer than the model's max_seq_len keep their last max_seq_len tokens, as lm-eval's `hf` model does.
 """
 from __future__ import annotations
@@ -52,7 +55,11 @@ class HarnessLM(TemplateLM):
     if not tok_dir:
       raise ConfigError(f"--checkpoint {checkpoint}: no tokenizer travels with it; pass --tokenizer DIR")
     self.tokenizer = load_tokenizer(tok_dir)
-    self.mesh = loading.default_mesh()          # parameters sharded over every device, rows over data x fsdp
+    from lmfusion_jax.evaluation import distributed
+    self.mesh = distributed.process_mesh()      # parameters sharded over this process's devices, rows over data x fsdp
+    # several processes: lm-eval gives rank r the documents r, r + P, ... and gathers the metrics (rank, world
+    # size, all_gather, gather_object and barrier below are the hooks it calls)
+    self._rank, self._world_size = jax.process_index(), jax.process_count()
     self.lcfg, self.params = loading.load_text(checkpoint, dtype=dtype, mesh=self.mesh)
     self.params = {"text": self.params}
     shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -60,6 +67,33 @@ class HarnessLM(TemplateLM):
     self._rows = NamedSharding(self.mesh, P(("data", "fsdp"), None))
     self.max_gen_toks = int(max_gen_toks)
     self._score = _score_fn(self.lcfg)
+
+  # --- lm-eval's data-parallel hooks (used when world_size > 1) -------------------------------------------
+
+  @property
+  def device(self):
+    import torch
+    return torch.device("cpu")   # where lm-eval puts the request counts it all_gathers
+
+  def all_gather(self, tensor):
+    """A torch tensor of every rank, concatenated along dim 0 (scalars become [world_size])."""
+    import torch
+    from jax.experimental import multihost_utils
+    x = tensor.detach().cpu().numpy()
+    every = np.asarray(multihost_utils.process_allgather(x.reshape((1,) + x.shape) if x.ndim == 0 else x,
+                                                         tiled=True))
+    return torch.from_numpy(every)
+
+  def gather_object(self, obj, dst: int = 0):
+    """Every rank's `obj` (pickled through JAX's collectives between our own processes), on `dst` only."""
+    import pickle
+    from lmfusion_jax.evaluation.distributed import allgather_bytes
+    every = [pickle.loads(b) for b in allgather_bytes(pickle.dumps(obj))]
+    return every if self._rank == dst else None
+
+  def barrier(self) -> None:
+    from lmfusion_jax.evaluation.distributed import barrier
+    barrier("lm-eval")
 
   # --- what TemplateLM asks for -------------------------------------------------------------------------
   @property

@@ -18,9 +18,12 @@ PNG), and the features / scores are gathered once. OUT must be storage every pro
 """
 from __future__ import annotations
 
+import io
 import json
 import os
 from typing import Optional
+
+from etils import epath
 
 import jax
 import numpy as np
@@ -44,8 +47,7 @@ def read_prompts(path) -> list[str]:
   """The prompts of a .jsonl file (see the module docstring); errors name the file and line."""
   path = absolute_path(path)
   try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
+    lines = epath.Path(path).read_bytes().decode("utf-8").splitlines()   # local or gs://
   except FileNotFoundError:
     raise PromptFileError(f"--prompts {path}: no such file") from None
   except UnicodeDecodeError as e:
@@ -75,7 +77,7 @@ def image_file(out_dir: str, i: int) -> str:
 
 def _read_png(path: str) -> np.ndarray:
   from PIL import Image
-  with Image.open(path) as img:
+  with Image.open(io.BytesIO(epath.Path(path).read_bytes())) as img:
     return np.asarray(img.convert("RGB"))
 
 
@@ -88,7 +90,9 @@ def _sampling_settings(s: EvalSetup) -> dict:
 def generate_missing(s: EvalSetup, prompts: list[str], num_images: int, out_dir: str) -> tuple[int, int]:
   """Draws and writes every image of range(num_images) not already in OUT/images (this process: its share).
   Returns (images reused, images drawn by all processes)."""
-  have = {i for i in range(num_images) if os.path.exists(image_file(out_dir, i))}
+  images = epath.Path(out_dir) / "images"
+  on_disk = {p.name for p in images.iterdir()} if images.exists() else set()   # one listing, also on gs://
+  have = {i for i in range(num_images) if os.path.basename(image_file(out_dir, i)) in on_disk}
   distributed.barrier("prompt eval: listed images")   # nobody writes before everybody has listed
   missing = [i for i in range(num_images) if i not in have]
   mine = distributed.share(missing)
@@ -133,7 +137,7 @@ def image_metrics(paths: list[str], captions: list[str], inception_dir: Optional
       out["fid"] = fid_lib.fid_from_stats(reference_stats, (mu, sigma))
       out["fid_reference"] = absolute_path(reference_stats)
   if clip_dir:
-    from lmfusion_jax.convert.hf_clip import load_clip
+    from lmfusion_jax.checkpoints.clip import load_clip
     from lmfusion_jax.evaluation.metrics import clip_score as clip_lib
     clip = load_clip(clip_dir)
     local = {}

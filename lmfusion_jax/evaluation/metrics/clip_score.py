@@ -119,9 +119,9 @@ def _batched(fn, state, arrays: List[np.ndarray], batch_size: int) -> np.ndarray
 
 def clip_score(clip, images: Images, captions: Sequence[str], batch_size: int = 32) -> Tuple[float, np.ndarray]:
   """CLIP score of N (image, caption) pairs -> (max(mean, 0) as torchmetrics' CLIPScore, per-pair [N] float64
-  100 * cos). `clip`: a loaded checkpoint (convert.hf_clip.load_clip) or its folder; images: uint8 RGB,
+  100 * cos). `clip`: a loaded checkpoint (checkpoints.clip.load_clip) or its folder; images: uint8 RGB,
   [N, H, W, 3] or a list of [H_i, W_i, 3] (any sizes)."""
-  from lmfusion_jax.convert.hf_clip import CLIPCheckpoint, load_clip
+  from lmfusion_jax.checkpoints.clip import CLIPCheckpoint, load_clip
   if not isinstance(clip, CLIPCheckpoint):
     clip = load_clip(os.fspath(clip))
   images = list(images)

@@ -19,6 +19,7 @@ import warnings
 from typing import Callable
 
 import numpy as np
+from etils import epath
 from scipy import linalg
 
 from lmfusion_jax.checkpoints.files import write_bytes
@@ -108,7 +109,7 @@ def load_fid_stats(path, dim: int | None = INCEPTION_DIM) -> tuple[np.ndarray, n
   """(mu [D], sigma [D, D]) from an .npz with keys `mu`, `sigma` (pytorch-fid's format); `dim` (default the
   Inception pool3 width, None: any) is checked. Raises UserError naming the file."""
   try:
-    with np.load(path, allow_pickle=False) as f:
+    with np.load(io.BytesIO(epath.Path(path).read_bytes()), allow_pickle=False) as f:   # local or gs://
       missing = [k for k in ("mu", "sigma") if k not in f.files]
       if missing:
         raise UserError(f"{path}: FID statistics need keys 'mu' and 'sigma'; missing {missing} "
