@@ -57,7 +57,7 @@ def main():
   for name, text_lr in (("frozen text (eta_text = 0)", 0.0), ("trainable text (eta_text = 1e-4)", 1e-4)):
     oc.text_lr = text_lr
     spec, fl, ob = compiled_cost(lc, fc, oc, b, t, slots)
-    ana = flops_lib.train_step_flops(lc, fc, b, t, slots, text_lr > 0)
+    ana = flops_lib.train_step_flops(lc, fc, b, t, slots, text_lr > 0, attention="full")   # XLA attention
     rows.append((name, fl, ana["total"], ob))
   print(f"config: dim {lc.dim}, {lc.n_layers} layers, ffn {lc.ffn_dim}, vocab {lc.vocab_size}, batch {b} x "
         f"({t} text + {slots} x {fc.tokens_per_image} image tokens), deep separation, linear patchify")

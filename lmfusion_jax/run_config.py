@@ -162,10 +162,10 @@ def _parse_value(text: str, current, key: str):
     if low in ("false", "0", "no"):
       return False
     raise ConfigLoadError(f"--config.{key}={text!r}: expected true/false")
+  if isinstance(current, str):   # before the null check: "none" is a value of string choices (remat_policy, ...)
+    return text
   if text.lower() in ("none", "null"):
     return None
-  if isinstance(current, str):
-    return text
   try:
     value = ast.literal_eval(text)
   except (ValueError, SyntaxError):

@@ -17,7 +17,9 @@ import jax.numpy as jnp
 from lmfusion_jax.errors import UserError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable")
+# what a layer keeps for the backward pass (models/decoder.py: remat_policy has the save_* / offload_* ones)
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable", "save_qkv_proj",
+                  "save_qkv_attn", "save_out_proj", "offload_qkv_attn")
 # "xla": plain XLA (runs anywhere); "flash": the Pallas TPU kernel (models/flash_attention.py);
 # "flash_interpret": the same kernel interpreted (CPU; tests).
 ATTENTION_IMPLS = ("xla", "flash", "flash_interpret")

@@ -14,6 +14,7 @@ from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from lmfusion_jax import sharding
 from lmfusion_jax.models import attention as attn_lib
@@ -52,24 +53,50 @@ def write_cache(cache: KVCache, k_new, v_new, info_new: mask_lib.TokenInfo, inde
                  mask_lib.TokenInfo(*(upd_i(c, n) for c, n in zip(cache.info, info_new))))
 
 
+# Named activations of a layer (jax.ad_checkpoint.checkpoint_name: no-ops unless a remat policy asks for them):
+#   "qkv_proj"  q, k, v after their projections (before RoPE)
+#   "attn_out"  the attention output (context) before the O projection
+#   "out_proj"  the O projection's output
+# Remat policies by name (model.remat_policy): "full" saves nothing (recomputes the layer), "dots_saveable" /
+# "dots_with_no_batch_dims_saveable" are JAX's, the save_* ones keep the named activations in HBM, and
+# offload_qkv_attn moves them to pinned host memory (host offload; refused by compilers without it).
+_SAVE_NAMED = {
+    "save_qkv_proj": ("qkv_proj",),
+    "save_qkv_attn": ("qkv_proj", "attn_out"),
+    "save_out_proj": ("out_proj",),
+}
+
+
+def remat_policy(policy: str):
+  """The jax.checkpoint policy of a model.remat_policy name other than none/full."""
+  cp = jax.checkpoint_policies
+  if policy in _SAVE_NAMED:
+    return cp.save_only_these_names(*_SAVE_NAMED[policy])
+  if policy == "offload_qkv_attn":
+    return cp.save_and_offload_only_these_names(names_which_can_be_saved=[],
+                                                names_which_can_be_offloaded=["qkv_proj", "attn_out"],
+                                                offload_src="device", offload_dst="pinned_host")
+  return getattr(cp, policy)
+
+
 def _remat(fn, policy: str):
   if policy == "none":
     return fn
   if policy == "full":
     return jax.checkpoint(fn)
-  return jax.checkpoint(fn, policy=getattr(jax.checkpoint_policies, policy))
+  return jax.checkpoint(fn, policy=remat_policy(policy))
 
 
 def _qkv(h, w, cos, sin):
   dtype = h.dtype
-  q = jnp.einsum("bsd,dhk->bshk", h, w["q"].astype(dtype))
-  k = jnp.einsum("bsd,dhk->bshk", h, w["k"].astype(dtype))
-  v = jnp.einsum("bsd,dhk->bshk", h, w["v"].astype(dtype))
+  q = checkpoint_name(jnp.einsum("bsd,dhk->bshk", h, w["q"].astype(dtype)), "qkv_proj")
+  k = checkpoint_name(jnp.einsum("bsd,dhk->bshk", h, w["k"].astype(dtype)), "qkv_proj")
+  v = checkpoint_name(jnp.einsum("bsd,dhk->bshk", h, w["v"].astype(dtype)), "qkv_proj")
   return L.apply_rope(q, cos, sin), L.apply_rope(k, cos, sin), v
 
 
 def _out(a, w):
-  return jnp.einsum("bshk,hkd->bsd", a, w["o"].astype(a.dtype))
+  return checkpoint_name(jnp.einsum("bshk,hkd->bsd", a, w["o"].astype(a.dtype)), "out_proj")
 
 
 def _ffn(x, w, eps):
@@ -133,7 +160,8 @@ def fused_layer(spec: LayerSpec, text: Stream, image: Optional[Stream], weights:
     k_all = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
     v_all = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
     info_k = mask_lib.TokenInfo.concat([cache.info, info])
-  a = attn_lib.dot_product_attention(q, k_all, v_all, info, info_k, spec.attention_impl)
+  a = checkpoint_name(attn_lib.dot_product_attention(q, k_all, v_all, info, info_k, spec.attention_impl),
+                      "attn_out")
   if has_img:
     n_img = x_img.shape[1]
     x_img = x_img + _out(a[:, :n_img], iw)

@@ -1,11 +1,26 @@
-"""FLOP conventions in one place: analytic FLOPs of LMFusion train steps (for MFU and for checking compiled cost
-analyses), the image in/out modules' FLOPs, the two model-FLOPs conventions the plan reports, and the chips'
-peak FLOP/s.
+"""FLOP conventions in one place: analytic FLOPs of LMFusion train steps, the MFU conventions the plan reports,
+the image in/out modules' FLOPs, and the chips' peak FLOP/s.
 
 Matmul FLOPs are 2 x (weights a token passes through). Each token passes through ONE modality's weights.
-Training: forward (2x) + activation gradients (2x) for every token + weight gradients (2x) only for weights
-that are trainable. Attention (QK^T and PV over the whole packed row, as the XLA kernel computes it) is
-4 * S^2 * heads * head_dim per layer forward, x3 for training.
+
+Two model-FLOPs conventions (MFU = model FLOPs / (step time x peak FLOP/s x chips)):
+  "maxtext"   MaxText's `maxtext_utils.calculate_tflops_training_per_device` for a dense decoder, the reference
+              trainer's own convention, written out (`maxtext_training_flops`): every token of the row counted as
+              a text token of a dense Llama whose weights all train, attention halved for the causal mask:
+                ffn        = 2 B S F E x 2 (gate, up: one per MLP activation) + 2 B S F E (down)
+                qkv        = 2 B S E (Hq + 2 Hkv) D
+                projection = 2 B S E Hq D
+                embedding  = 2 B S E V                      (the LM head; the input lookup is not a matmul)
+                attention  = 4 B S^2 Hq D / 2               (QK^T and PV, causal: half)
+                total      = 3 x ((ffn + qkv + projection) x L + embedding) + 3 x attention x L
+              (MaxText works per device with per_device_batch_size; here B is the global batch, which is the
+              same MFU.) For Llama-3-8B this is 6 x 7.50B (the layers and the LM head) per token + attention.
+  "required"  what the step must compute (`train_step_flops`): forward (2x) and activation gradients (2x) for
+              every token, weight gradients (2x) only for trainable weights (so 4x for frozen ones, 6x for
+              trained ones), the LM head on text positions only, the image in/out modules, and attention
+              halved for the causal mask (the images' bidirectional blocks are a small addition the
+              convention leaves out, as MaxText leaves them out for its VLMs).
+Hardware FLOPs utilization ("hfu") uses the compiled program's FLOPs instead (what the kernels really run).
 """
 from __future__ import annotations
 
@@ -29,9 +44,33 @@ def per_token_layer_weights(lcfg: LlamaConfig) -> int:
   return sum(layer_weight_counts(lcfg).values())
 
 
+def attention_flops(lcfg: LlamaConfig, seq_len: int, mask: str = "causal") -> float:
+  """Forward attention FLOPs of one row over all layers: QK^T and PV over the S x S scores (4 S^2 H D), halved
+  for mask="causal" (what the step must compute); mask="full" is what the XLA reference kernel computes."""
+  if mask not in ("causal", "full"):
+    raise ValueError(f"mask={mask!r}: 'causal' or 'full'")
+  full = 4 * seq_len * seq_len * lcfg.n_heads * lcfg.head_dim * lcfg.n_layers
+  return full / 2 if mask == "causal" else full
+
+
+def maxtext_training_flops(lcfg: LlamaConfig, batch: int, seq_len: int) -> dict:
+  """MaxText's training FLOPs of one step (the module docstring): {"total", "learnable_weight", "attention"}."""
+  b, s, e, f, v = batch, seq_len, lcfg.dim, lcfg.ffn_dim, lcfg.vocab_size
+  hq, hkv, d, n = lcfg.n_heads, lcfg.n_kv_heads, lcfg.head_dim, lcfg.n_layers
+  ffn = 2 * b * s * f * e * 2 + 2 * b * s * f * e
+  qkv = 2 * b * s * e * (hq + 2 * hkv) * d
+  projection = 2 * b * s * e * hq * d
+  embedding = 2 * b * s * e * v
+  attention = 4 * b * s * s * hq * d / 2
+  learnable = ((ffn + qkv + projection) * n + embedding) * 3
+  attn = attention * n * 3
+  return {"total": float(learnable + attn), "learnable_weight": float(learnable), "attention": float(attn)}
+
+
 def train_step_flops(lcfg: LlamaConfig, fcfg: FusionConfig, batch: int, text_len: int, image_slots: int,
-                     text_trainable: bool, io_flops_per_image: float = 0.0) -> dict:
-  """Analytic FLOPs of one training step on [batch] rows of text_len text slots + image_slots images."""
+                     text_trainable: bool, io_flops_per_image: float = 0.0, attention: str = "causal") -> dict:
+  """Analytic FLOPs of one training step on [batch] rows of text_len text slots + image_slots images;
+  `attention`: "causal" (required FLOPs) or "full" (as the XLA reference attention computes it)."""
   n_img = image_slots * fcfg.tokens_per_image
   s = text_len + n_img
   counts = layer_weight_counts(lcfg)
@@ -44,7 +83,7 @@ def train_step_flops(lcfg: LlamaConfig, fcfg: FusionConfig, batch: int, text_len
   wgrad = 2 * img_owned * n_img * lcfg.n_layers
   if text_trainable:
     wgrad += 2 * (w_layer - img_owned) * n_img * lcfg.n_layers + 2 * w_layer * text_len * lcfg.n_layers
-  attn = 3 * 4 * s * s * lcfg.n_heads * lcfg.head_dim * lcfg.n_layers
+  attn = 3 * attention_flops(lcfg, s, attention)
   head = (4 + (2 if text_trainable else 0)) * lcfg.dim * lcfg.vocab_size * text_len
   per_row = fwd_bwd_act + wgrad + attn + head + 3 * io_flops_per_image * image_slots
   text_wgrad_share = 2 * w_layer * text_len * lcfg.n_layers + 2 * lcfg.dim * lcfg.vocab_size * text_len
@@ -91,13 +130,8 @@ def model_flops(lcfg: LlamaConfig, fcfg: FusionConfig, data_cfg, text_trainable:
                 io_flops_per_image: float = 0.0) -> dict:
   """Model FLOPs of one step under both conventions (see the module docstring)."""
   b, t, i = int(data_cfg.global_batch_size), int(data_cfg.text_len), int(data_cfg.image_slots)
-  n_img = i * fcfg.tokens_per_image
+  seq = t + i * fcfg.tokens_per_image
   required = train_step_flops(lcfg, fcfg, b, t, i, text_trainable, io_flops_per_image)
-  w_layer = per_token_layer_weights(lcfg)
-  active_text = lcfg.n_layers * w_layer + lcfg.dim * lcfg.vocab_size   # layers + LM head
-  active_image = lcfg.n_layers * w_layer
-  six_nd = 6 * b * (active_text * t + active_image * n_img)
-  six_nd_attn = six_nd + required["attention"] + 3 * b * i * io_flops_per_image
-  return {"required": float(required["total"]), "six_nd": float(six_nd), "six_nd_attn": float(six_nd_attn),
-          "attention": float(required["attention"]), "active_params_text_token": active_text,
-          "active_params_image_token": active_image}
+  maxtext = maxtext_training_flops(lcfg, b, seq)
+  return {"required": float(required["total"]), "maxtext": maxtext["total"],
+          "attention": float(required["attention"]), "maxtext_attention": maxtext["attention"]}

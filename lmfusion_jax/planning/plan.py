@@ -9,12 +9,15 @@ How the compiler's figures are read:
   memory  from the run's own compile (scanned layers are fine for memory).
   cost    from unrolled compiles with windowed einsums off (see planning.cost).
   MFU     model FLOPs / (step time x peak FLOP/s x chips), with the step time = the compiler's estimate.
-          Two model-FLOPs conventions are reported:
-            "6ND+attn": 6 x active params x tokens + attention (the usual convention; every token counted as
-                        if all its weights were trained),
-            "required": what the step must compute (planning.flops: 4x weights for tokens whose weights are
-                        frozen, 6x for trained ones, + attention + U-Net), never more than 6ND+attn.
-          Attention is counted over the full S x S score matrix, as the XLA reference kernel computes it.
+          Two model-FLOPs conventions are reported (planning.flops has them written out):
+            mfu_maxtext   MaxText's calculate_tflops_training_per_device (the reference trainer's own: every
+                          token as a trained dense-Llama text token, causal attention halved),
+            mfu_required  what the step must compute (4x weights for tokens whose weights are frozen, 6x for
+                          trained ones, the LM head on text positions, the image in/out modules, causal
+                          attention halved).
+  hfu     the compiled program's FLOPs (what the kernels really run, the flash kernel's cost estimate
+          included) / (step time x peak x chips).
+Every figure is an estimate of the TPU compiler on a CPU host, not a TPU measurement.
 """
 from __future__ import annotations
 
@@ -59,9 +62,9 @@ class PlanReport:
   model_flops: dict
   step_time_s: Optional[float]
   tokens_per_s: Optional[float]
-  mfu_6nd_attn: Optional[float]
+  mfu_maxtext: Optional[float]
   mfu_required: Optional[float]
-  hardware_flops_utilization: Optional[float]
+  hfu: Optional[float]
   peak_flops_per_chip: float
   cost_source: str
   compiler_message: str = ""   # the compiler's out-of-memory error, when it refused the program
@@ -135,8 +138,8 @@ def plan(cfg, topology: str, num_slices: int = 1, cost_mode: str = "scaled",
       param_bytes_per_device=_per_device_bytes(state["params"]),
       opt_state_bytes_per_device=_per_device_bytes(state["opt_state"]),
       compiled_flops_per_step=compiled_flops, model_flops=mflops, step_time_s=step_s,
-      tokens_per_s=tokens / step_s if step_s else None, mfu_6nd_attn=util(mflops["six_nd_attn"]),
-      mfu_required=util(mflops["required"]), hardware_flops_utilization=util(compiled_flops),
+      tokens_per_s=tokens / step_s if step_s else None, mfu_maxtext=util(mflops["maxtext"]),
+      mfu_required=util(mflops["required"]), hfu=util(compiled_flops),
       peak_flops_per_chip=peak, cost_source=cost["source"], compiler_message=compiler_message,
       per_layer_seconds=cost.get("per_layer_seconds"), per_layer_flops=cost.get("per_layer_flops"),
       n_layers=lcfg.n_layers, cost_warning=cost_warning)

@@ -33,8 +33,8 @@ def format_report(r: PlanReport) -> str:
   mf = r.model_flops
   if r.compiled_flops_per_step is not None:
     lines.append(f"  FLOPs per step: compiled {r.compiled_flops_per_step:.4g} ({r.cost_source}); model "
-                 f"6ND+attn {mf['six_nd_attn']:.4g}, required {mf['required']:.4g} "
-                 f"(attention {mf['attention']:.4g})")
+                 f"MaxText convention {mf['maxtext']:.4g}, required {mf['required']:.4g} "
+                 f"(causal attention {mf['attention']:.4g})")
   if r.step_time_s:
     lines.append(f"  step time (compiler estimate): {r.step_time_s:.3f} s -> {r.tokens_per_s:,.0f} tokens/s, "
                  f"{r.tokens_per_s / r.chips:,.0f} tokens/s/chip")
@@ -42,9 +42,10 @@ def format_report(r: PlanReport) -> str:
       layers = r.per_layer_seconds * r.n_layers
       lines.append(f"    of which the {r.n_layers} layers {layers:.3f} s ({r.per_layer_seconds * 1e3:.1f} ms each); the "
                    f"rest (embedding, LM head, loss, image in/out, optimizer) {r.step_time_s - layers:.3f} s")
-    lines.append(f"  MFU estimate: {_pct(r.mfu_6nd_attn)} (6ND+attn), {_pct(r.mfu_required)} (required FLOPs);"
-                 f" hardware FLOPs utilization {_pct(r.hardware_flops_utilization)} "
+    lines.append(f"  MFU estimate: {_pct(r.mfu_required)} (required FLOPs), {_pct(r.mfu_maxtext)} (MaxText's "
+                 f"convention); hardware FLOPs utilization {_pct(r.hfu)} "
                  f"(peak {r.peak_flops_per_chip / 1e12:.0f} TFLOP/s per chip)")
+    lines.append("  (all figures: the TPU compiler's estimates on this host, not TPU measurements)")
   elif r.fits and not r.cost_warning:
     lines.append("  step time: the compiler gave no estimate for this target")
   return "\n".join(lines)

@@ -103,6 +103,10 @@ def resolve_run_config(cfg, log: Callable[[str], None] = print):
     raise ConfigError("workdir is empty: set --config.workdir=DIR")
   absolutize_paths(cfg)
   validate_run_config(cfg)
+  if cfg.data.image_slots == 0:
+    raise ConfigError("data.image_slots=0: LMFusion training documents each carry an image, so a run needs "
+                      ">= 1 image slot per row (a text-only config such as configs/llama3_8b_text.py is for "
+                      "`lmfusion-jax plan`: the reference trainer's shapes)")
   model_from_init(cfg)
   if not cfg.data.tokenizer_dir and cfg.init_from:
     from lmfusion_jax.checkpoints import params as params_io
