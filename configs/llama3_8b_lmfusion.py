@@ -11,14 +11,19 @@ The argument picks a mesh preset: v5p-64 (32 chips), v5p-128 (64 chips), v5p-256
 = FSDP over every device there is. Parameter counts: text 8.03B (frozen) + image 7.25B (6.98B layer copies
 + 0.27B U-Net) = 15.28B, as the paper states (~7.25B trainable + 8B frozen).
 
-Attention: the Pallas TPU flash kernel for the hybrid mask (lmfusion_jax/models/flash_attention.py); the
-XLA reference materializes 4096 x 4096 fp32 scores per head (--config.model.attention_impl=xla to compare).
+Attention: the block-sparse Pallas TPU flash kernel for the hybrid mask (lmfusion_jax/models/flash_attention.py:
+tiles the mask leaves empty are skipped); the XLA reference materializes 4096 x 4096 fp32 scores per head
+(--config.model.attention_impl=xla to compare). The compiler's cost model is told the kernel computes the causal
+triangle's share of the 8 x 8 tiles of a 4096-token row (36/64): exact for one causal document per row (the
+text-only config), an upper bound for packed LMFusion rows, whose other documents' image blocks and padding are
+skipped too (11-12% of the tiles computed on synthetic caption lengths; BENCHMARKS.md, attention kernel).
 
 Numerics: bf16 compute, fp32 parameters for both branches. The image branch must be fp32 (AdamW updates
 of lr 1e-4 x ~1e-3 vanish in bf16 weights). The frozen text branch could be stored in bf16 losslessly
 (Llama-3 ships bf16 weights; it never gets an update) and would halve its all-gather traffic and its 0.5 GiB
 per chip, but the model has one `param_dtype` for both branches, so both are fp32 here.
 """
+from lmfusion_jax.models.flash_blocks import causal_tile_fraction
 from lmfusion_jax.run_config import base_config
 
 # topology -> mesh (data, fsdp, tensor). Pure FSDP over the slice: one v5p chip holds 4 sequences.
@@ -40,7 +45,8 @@ def get_config(arg: str = ""):
   c.save_every = 1000
   c.keep_checkpoints = 3
   c.model = dict(preset="llama3_8b", param_dtype="float32", dtype="bfloat16", scan_layers=True,
-                 remat_policy="full", attention_impl="flash")
+                 remat_policy="full", attention_impl="flash",
+                 attention_tile_fraction=causal_tile_fraction(4096, 512, 512))
   c.fusion.separation = "deep"
   c.fusion.image_init = "copy"
   c.fusion.image_io = "unet"

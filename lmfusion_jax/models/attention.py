@@ -41,8 +41,9 @@ def xla_attention(q, k, v, q_info: TokenInfo, k_info: TokenInfo) -> jax.Array:
 
 
 def _flash(interpret: bool):
-  def run(q, k, v, q_info, k_info):
-    return flash_attention(q, k, v, q_info, k_info, interpret=interpret)
+  def run(q, k, v, q_info, k_info, tile_fraction: float = 1.0):
+    return flash_attention(q, k, v, q_info, k_info, interpret=interpret, tile_fraction=tile_fraction)
+  run.takes_tile_fraction = True   # its cost estimate takes model.attention_tile_fraction
   return run
 
 
@@ -55,8 +56,13 @@ def register_attention(name: str, fn) -> None:
   _IMPLEMENTATIONS[name] = fn
 
 
-def dot_product_attention(q, k, v, q_info: TokenInfo, k_info: TokenInfo, implementation: str = "xla"):
-  """The one attention entry point used by every layer (model.attention_impl picks the implementation)."""
+def dot_product_attention(q, k, v, q_info: TokenInfo, k_info: TokenInfo, implementation: str = "xla",
+                          tile_fraction: float = 1.0):
+  """The one attention entry point used by every layer (model.attention_impl picks the implementation;
+  model.attention_tile_fraction goes to the block-sparse flash kernel's cost estimate)."""
   if implementation not in _IMPLEMENTATIONS:
     raise UserError(f"attention implementation {implementation!r} unknown (have {sorted(_IMPLEMENTATIONS)})")
-  return _IMPLEMENTATIONS[implementation](q, k, v, q_info, k_info)
+  fn = _IMPLEMENTATIONS[implementation]
+  if getattr(fn, "takes_tile_fraction", False):
+    return fn(q, k, v, q_info, k_info, tile_fraction=tile_fraction)
+  return fn(q, k, v, q_info, k_info)

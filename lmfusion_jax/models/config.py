@@ -97,6 +97,10 @@ class LlamaConfig:
   scan_layers: bool = False
   remat_policy: str = "none"
   attention_impl: str = "xla"     # see ATTENTION_IMPLS
+  # flash only: the expected fraction of (q block, k block) tiles the block-sparse kernel computes, for its cost
+  # estimate inside a jitted step (the token info is traced there). 1.0 = every tile (an upper bound); it never
+  # changes what is computed, only what the compiler's cost model (and `plan`) is told.
+  attention_tile_fraction: float = 1.0
 
   def __post_init__(self):
     for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "max_seq_len"):
@@ -114,6 +118,9 @@ class LlamaConfig:
     _check_choice("model.dtype", self.dtype, DTYPES)
     _check_choice("model.remat_policy", self.remat_policy, REMAT_POLICIES)
     _check_choice("model.attention_impl", self.attention_impl, ATTENTION_IMPLS)
+    check_float("model.attention_tile_fraction", self.attention_tile_fraction, minimum=0.0)
+    if self.attention_tile_fraction > 1.0:
+      raise ConfigError(f"model.attention_tile_fraction={self.attention_tile_fraction}: a fraction of tiles, <= 1")
     if self.n_heads % self.n_kv_heads:
       raise ConfigError(f"model.n_heads={self.n_heads} is not a multiple of model.n_kv_heads={self.n_kv_heads}")
     if self.head_dim % 2:

@@ -160,8 +160,8 @@ def fused_layer(spec: LayerSpec, text: Stream, image: Optional[Stream], weights:
     k_all = jnp.concatenate([cache.k.astype(k.dtype), k], axis=1)
     v_all = jnp.concatenate([cache.v.astype(v.dtype), v], axis=1)
     info_k = mask_lib.TokenInfo.concat([cache.info, info])
-  a = checkpoint_name(attn_lib.dot_product_attention(q, k_all, v_all, info, info_k, spec.attention_impl),
-                      "attn_out")
+  a = checkpoint_name(attn_lib.dot_product_attention(q, k_all, v_all, info, info_k, spec.attention_impl,
+                                                     spec.cfg.attention_tile_fraction), "attn_out")
   if has_img:
     n_img = x_img.shape[1]
     x_img = x_img + _out(a[:, :n_img], iw)

@@ -219,3 +219,13 @@ def tile_stats(kind) -> dict:
   return {name: float(np.count_nonzero(kind == v)) / n for name, v in
           (("empty", EMPTY), ("partial", PARTIAL), ("full", FULL))}
 
+
+
+def causal_tile_fraction(seq_len: int, block_q: int = 512, block_k: int = 512) -> float:
+  """The fraction of (q block, k block) tiles a causal mask leaves non-empty for one document filling a row of
+  `seq_len` tokens (tiles wholly above the diagonal are skipped): the expected `tile_fraction` of a causal text
+  layout, and an upper bound for LMFusion rows (their image blocks of other documents and their padding are
+  skipped too)."""
+  nq, nk = -(-seq_len // block_q), -(-seq_len // block_k)
+  live = sum(1 for i in range(nq) for j in range(nk) if j * block_k <= (i + 1) * block_q - 1)
+  return live / (nq * nk)
