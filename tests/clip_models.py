@@ -3,13 +3,18 @@ CLIP folder (CLIP score in tests/test_eval_distributed.py, convert-clip in tests
 
 A CLIP BPE tokenizer from a hand-written byte-level vocab and merges; random weights drawn wide (norm weights around
 1, biases non-zero) so a mapping error cannot hide below the tolerance."""
+import argparse
 import json
 import math
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 import transformers
+from flax import nnx
+
+from lmfusion_jax.models import clip as clip_lib
 
 WORDS = ("a", "photo", "of", "red", "cat", "dog", "two", "blue", "birds", "on", "tree", "the")
 MEAN, STD = (0.5, 0.45, 0.4), (0.25, 0.3, 0.28)    # not CLIP's defaults: proves they are read from the folder
@@ -98,3 +103,34 @@ def make_hf_clip(folder):
       "resample": 3, "do_convert_rgb": True}))
   return folder
 
+
+# --- shared by the CLIP tests: tolerance, jitted forwards, module fixtures (import them into a test module) ---
+
+TOL = 1e-4
+
+# Jitted forwards (compiled once per model structure and input shape; eager calls re-trace the layer scan).
+vision_fwd = nnx.jit(lambda tower, x: tower(x))
+text_fwd = nnx.jit(lambda text, ids, mask: text(ids, mask))
+image_embeds = nnx.jit(clip_lib.image_embeds)
+text_embeds = nnx.jit(clip_lib.text_embeds)
+
+
+@pytest.fixture(scope="module")
+def hf_clip_dir(tmp_path_factory):
+  """A tiny random HF CLIPModel folder (tokenizer, preprocessor_config.json); "openai" in its name for torchmetrics."""
+  return make_hf_clip(tmp_path_factory.mktemp("clip") / "openai-tiny-clip")
+
+
+@pytest.fixture(scope="module")
+def converted(hf_clip_dir):
+  from lmfusion_jax.convert import hf_clip
+  return hf_clip.load_hf_clip(hf_clip_dir)
+
+
+@pytest.fixture(scope="module")
+def converted_dir(hf_clip_dir, tmp_path_factory):
+  from lmfusion_jax.commands import convert_clip
+  out = tmp_path_factory.mktemp("converted") / "clip"
+  args = argparse.Namespace(hf_dir=str(hf_clip_dir), out=str(out), overwrite=False)
+  assert convert_clip.run(args) == 0
+  return out

@@ -6,7 +6,6 @@ torchmetrics 1.9 predates transformers 5, whose get_image_features / get_text_fe
 BaseModelOutputWithPooling instead of a tensor, so its model is handed over (a documented torchmetrics option:
 a callable returning model and processor) behind a wrapper returning `.pooler_output`; everything else
 (CLIPProcessor from the folder, the cut to max_position_embeddings, the score) is torchmetrics' own."""
-import argparse
 import dataclasses
 
 import jax.numpy as jnp
@@ -19,38 +18,20 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from lmfusion_jax.cli import COMMANDS  # noqa: E402
-from lmfusion_jax.commands import convert_clip  # noqa: E402
 from lmfusion_jax.checkpoints import clip as clip_ckpt  # noqa: E402
 from lmfusion_jax.convert import hf_clip  # noqa: E402
 from lmfusion_jax.errors import UserError  # noqa: E402
 from lmfusion_jax.evaluation.metrics import clip_score as cs  # noqa: E402
 from lmfusion_jax.models import clip as clip_lib  # noqa: E402
 from lmfusion_jax.sharding import logical_to_spec  # noqa: E402
-from clip_models import (MEAN, images_nchw, make_hf_clip, max_diff, nhwc, randomize,  # noqa: E402
-                         real_looking_uint8, vision_kw)
+from clip_models import (MEAN, TOL, converted, converted_dir, hf_clip_dir, image_embeds,  # noqa: E402,F401
+                         images_nchw, max_diff, nhwc, randomize, real_looking_uint8, text_embeds, text_fwd,
+                         vision_fwd, vision_kw)
 
-TOL = 1e-4
 assert "convert-clip" in COMMANDS
-
-# Jitted forwards (compiled once per model structure and input shape; eager calls re-trace the layer scan).
-vision_fwd = nnx.jit(lambda tower, x: tower(x))
-text_fwd = nnx.jit(lambda text, ids, mask: text(ids, mask))
-image_embeds = nnx.jit(clip_lib.image_embeds)
-text_embeds = nnx.jit(clip_lib.text_embeds)
 
 
 # --- fixtures -----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def hf_clip_dir(tmp_path_factory):
-  """A tiny random HF CLIPModel folder (tokenizer, preprocessor_config.json); "openai" in its name for torchmetrics."""
-  return make_hf_clip(tmp_path_factory.mktemp("clip") / "openai-tiny-clip")
-
-
-@pytest.fixture(scope="module")
-def converted(hf_clip_dir):
-  return hf_clip.load_hf_clip(hf_clip_dir)
-
 
 @pytest.fixture(scope="module")
 def hf_model(hf_clip_dir):
@@ -64,14 +45,6 @@ def siglip_dir(request, tmp_path_factory):
   cfg = transformers.SiglipVisionConfig(**vision_kw(image_size=30, patch_size=6), vision_use_head=request.param)
   randomize(transformers.SiglipVisionModel(cfg), seed=1).save_pretrained(str(folder), safe_serialization=True)
   return folder
-
-
-@pytest.fixture(scope="module")
-def converted_dir(hf_clip_dir, tmp_path_factory):
-  out = tmp_path_factory.mktemp("converted") / "clip"
-  args = argparse.Namespace(hf_dir=str(hf_clip_dir), out=str(out), overwrite=False)
-  assert convert_clip.run(args) == 0
-  return out
 
 
 # --- parity -------------------------------------------------------------------------------------------------

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
-from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -20,40 +19,13 @@ from lmfusion_jax.commands import convert_clip  # noqa: E402
 from lmfusion_jax.checkpoints import clip as clip_ckpt  # noqa: E402
 from lmfusion_jax.convert import hf_clip  # noqa: E402
 from lmfusion_jax.errors import UserError  # noqa: E402
-from lmfusion_jax.models import clip as clip_lib  # noqa: E402
 from lmfusion_jax.models.vision_tower import VisionTower  # noqa: E402
-from clip_models import make_hf_clip  # noqa: E402
+from clip_models import converted, converted_dir, hf_clip_dir  # noqa: E402,F401
 
-TOL = 1e-4
 assert "convert-clip" in COMMANDS
-
-# Jitted forwards (compiled once per model structure and input shape; eager calls re-trace the layer scan).
-vision_fwd = nnx.jit(lambda tower, x: tower(x))
-text_fwd = nnx.jit(lambda text, ids, mask: text(ids, mask))
-image_embeds = nnx.jit(clip_lib.image_embeds)
-text_embeds = nnx.jit(clip_lib.text_embeds)
 
 
 # --- fixtures -----------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module")
-def hf_clip_dir(tmp_path_factory):
-  """A tiny random HF CLIPModel folder (tokenizer, preprocessor_config.json); "openai" in its name for torchmetrics."""
-  return make_hf_clip(tmp_path_factory.mktemp("clip") / "openai-tiny-clip")
-
-
-@pytest.fixture(scope="module")
-def converted(hf_clip_dir):
-  return hf_clip.load_hf_clip(hf_clip_dir)
-
-
-@pytest.fixture(scope="module")
-def converted_dir(hf_clip_dir, tmp_path_factory):
-  out = tmp_path_factory.mktemp("converted") / "clip"
-  args = argparse.Namespace(hf_dir=str(hf_clip_dir), out=str(out), overwrite=False)
-  assert convert_clip.run(args) == 0
-  return out
-
 
 # --- the converted folder and the command -------------------------------------------------------------------
 

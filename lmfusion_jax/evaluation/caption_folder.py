@@ -27,6 +27,7 @@ import numpy as np
 from lmfusion_jax.checkpoints.files import absolute_path, write_text
 from lmfusion_jax.errors import UserError
 from lmfusion_jax.evaluation import distributed, metrics
+from lmfusion_jax.evaluation.jsonl_files import read_records
 from lmfusion_jax.evaluation.metrics.inception import list_images
 from lmfusion_jax.evaluation.setup import EvalSetup
 from lmfusion_jax.inference.caption import caption_images
@@ -40,29 +41,15 @@ class ReferencesError(UserError):
 
 def read_references(path) -> dict[str, list[str]]:
   """{relative file: [reference captions]} from a .jsonl file (see the module docstring)."""
-  path = absolute_path(path)
-  try:
-    lines = epath.Path(path).read_bytes().decode("utf-8").splitlines()   # local or gs://
-  except FileNotFoundError:
-    raise ReferencesError(f"--references {path}: no such file") from None
-  except UnicodeDecodeError as e:
-    raise ReferencesError(f"--references {path}: not UTF-8 text (byte {e.start})") from None
-  refs: dict[str, list[str]] = {}
-  for n, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      r = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise ReferencesError(f"--references {path}:{n}: not a JSON object ({e.msg}): {line[:80]!r}") from None
+  def parse(r):
     caps = (r.get("captions", [r["caption"]] if "caption" in r else None)) if isinstance(r, dict) else None
-    if not isinstance(r, dict) or not isinstance(r.get("file"), str) or not isinstance(caps, list) or not caps \
-        or not all(isinstance(c, str) and c.strip() for c in caps):
-      raise ReferencesError(f"--references {path}:{n}: needs {{\"file\": str, \"captions\": [non-empty str, ...]}}, "
-                            f"got {line[:80]!r}")
-    refs.setdefault(os.path.normpath(r["file"]), []).extend(c.strip() for c in caps)
-  if not refs:
-    raise ReferencesError(f"--references {path}: no references in it")
+    ok = (isinstance(r, dict) and isinstance(r.get("file"), str) and isinstance(caps, list) and caps
+          and all(isinstance(c, str) and c.strip() for c in caps))
+    return (os.path.normpath(r["file"]), [c.strip() for c in caps]) if ok else None
+  refs: dict[str, list[str]] = {}
+  for file, caps in read_records("--references", path, parse, '{"file": str, "captions": [non-empty str, ...]}',
+                                 ReferencesError):
+    refs.setdefault(file, []).extend(caps)
   return refs
 
 

@@ -32,6 +32,7 @@ from lmfusion_jax.checkpoints.files import absolute_path, write_text
 from lmfusion_jax.errors import UserError
 from lmfusion_jax.evaluation import distributed
 from lmfusion_jax.evaluation.generation import sample_batched
+from lmfusion_jax.evaluation.jsonl_files import read_records
 from lmfusion_jax.evaluation.setup import EvalSetup
 from lmfusion_jax.inference.image_files import contact_sheet, decode_to_images, write_png
 from lmfusion_jax.progress import Progress
@@ -45,30 +46,11 @@ class PromptFileError(UserError):
 
 def read_prompts(path) -> list[str]:
   """The prompts of a .jsonl file (see the module docstring); errors name the file and line."""
-  path = absolute_path(path)
-  try:
-    lines = epath.Path(path).read_bytes().decode("utf-8").splitlines()   # local or gs://
-  except FileNotFoundError:
-    raise PromptFileError(f"--prompts {path}: no such file") from None
-  except UnicodeDecodeError as e:
-    raise PromptFileError(f"--prompts {path}: not UTF-8 text (byte {e.start})") from None
-  prompts = []
-  for n, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise PromptFileError(f"--prompts {path}:{n}: not a JSON object ({e.msg} at column {e.colno}): "
-                            f"{line[:80]!r}") from None
+  def parse(record):
     text = record.get("prompt", record.get("caption")) if isinstance(record, dict) else None
-    if not isinstance(text, str) or not text.strip():
-      raise PromptFileError(f"--prompts {path}:{n}: needs a non-empty string field \"prompt\" (or \"caption\"), "
-                            f"got {line[:80]!r}")
-    prompts.append(text.strip())
-  if not prompts:
-    raise PromptFileError(f"--prompts {path}: no prompts in it")
-  return prompts
+    return text.strip() if isinstance(text, str) and text.strip() else None
+  return read_records("--prompts", path, parse, 'a non-empty string field "prompt" (or "caption")',
+                      PromptFileError)
 
 
 def image_file(out_dir: str, i: int) -> str:
@@ -116,21 +98,25 @@ def image_metrics(paths: list[str], captions: list[str], inception_dir: Optional
   its share."""
   out = {}
   mine = distributed.share(range(len(paths)))
+
+  def over_my_images(desc: str, fn) -> dict:
+    """{i: row of fn(indices)} over this process's images, a batch at a time."""
+    local = {}
+    with Progress(len(mine), desc, unit="image") as progress:
+      for start in range(0, len(mine), batch_size):
+        chunk = mine[start:start + batch_size]
+        local.update(zip(chunk, fn(chunk)))
+        progress.update(len(chunk))
+    return local
+
   if inception_dir:
     from lmfusion_jax.convert.inception_weights import load_inception
     from lmfusion_jax.evaluation.metrics import fid as fid_lib
     from lmfusion_jax.evaluation.metrics.inception import FEATURE_DIM, inception_features
     model = load_inception(inception_dir)
-    local = {}
-    with Progress(len(mine), "eval inception", unit="image") as progress:
-      for start in range(0, len(mine), batch_size):
-        chunk = mine[start:start + batch_size]
-        feats = inception_features(model, [_read_png(paths[i]).astype(np.float32) / 255.0 for i in chunk],
-                                   batch_size)
-        local.update(zip(chunk, feats))
-        progress.update(len(chunk))
-    feats = distributed.gather_rows(local, len(paths), (FEATURE_DIM,), np.float64)
-    mu, sigma = fid_lib.gaussian_stats(feats)
+    local = over_my_images("eval inception", lambda chunk: inception_features(
+        model, [_read_png(paths[i]).astype(np.float32) / 255.0 for i in chunk], batch_size))
+    mu, sigma = fid_lib.gaussian_stats(distributed.gather_rows(local, len(paths), (FEATURE_DIM,), np.float64))
     if jax.process_index() == 0:
       fid_lib.save_fid_stats(mu, sigma, os.path.join(out_dir, "generated_stats.npz"))
     if reference_stats:
@@ -140,14 +126,8 @@ def image_metrics(paths: list[str], captions: list[str], inception_dir: Optional
     from lmfusion_jax.checkpoints.clip import load_clip
     from lmfusion_jax.evaluation.metrics import clip_score as clip_lib
     clip = load_clip(clip_dir)
-    local = {}
-    with Progress(len(mine), "eval clip score", unit="image") as progress:
-      for start in range(0, len(mine), batch_size):
-        chunk = mine[start:start + batch_size]
-        _, scores = clip_lib.clip_score(clip, [_read_png(paths[i]) for i in chunk], [captions[i] for i in chunk],
-                                        batch_size=batch_size)
-        local.update({i: float(v) for i, v in zip(chunk, scores)})
-        progress.update(len(chunk))
+    local = over_my_images("eval clip score", lambda chunk: [float(v) for v in clip_lib.clip_score(
+        clip, [_read_png(paths[i]) for i in chunk], [captions[i] for i in chunk], batch_size=batch_size)[1]])
     every = distributed.gather_json(local)
     # torchmetrics' CLIPScore: max(mean over pairs of 100 cos, 0)
     out["clip_score"] = max(float(np.mean([every[i] for i in range(len(paths))])), 0.0)
