@@ -31,7 +31,12 @@ setup(
     ],
     extras_require={
         # libtpu: `lmfusion-jax plan` compiles for TPU topologies on a CPU host (tests/test_plan.py).
-        "test": ["pytest", "pytest-timeout", "pytest-xdist", "lm-eval==0.4.13", "accelerate", "torch==2.13.0", "diffusers", "scikit-learn", "libtpu==0.0.42.*"],
+        # torchmetrics: the CLIP-score reference; webdataset / pyarrow: prepare-data's sources (tests/).
+        "test": ["pytest", "pytest-timeout", "pytest-xdist", "lm-eval==0.4.13", "accelerate", "torch==2.13.0",
+                 "diffusers", "scikit-learn", "libtpu==0.0.42.*", "torchmetrics==1.9.*", "webdataset", "pyarrow",
+                 "braceexpand"],
+        # `lmfusion-jax prepare-data` on webdataset .tar shards / parquet files
+        "prepare": ["webdataset", "pyarrow", "braceexpand"],
         "tpu": ["jax[tpu]==0.10.2"],
     },
     entry_points={"console_scripts": ["lmfusion-jax=lmfusion_jax.cli:main"]},

@@ -18,6 +18,9 @@ COMMANDS = {
     "demo": ("lmfusion_jax.commands.demo", "the built-in demo: digits, text LM, convert, LMFusion, eval, report"),
     "build-data": ("lmfusion_jax.commands.build_data",
                    "prepare a dataset (digits or image-captions) once, optionally with a tokenizer"),
+    "prepare-data": ("lmfusion_jax.commands.prepare_data",
+                     "image-caption shards (webdataset .tar, parquet) or a folder -> the image_captions dataset "
+                     "(VAE latents), over every host, resumable"),
     "train": ("lmfusion_jax.commands.train", "train LMFusion (image side; text frozen by default)"),
     "convert-llama": ("lmfusion_jax.commands.convert_llama",
                       "Hugging Face Llama safetensors -> params checkpoint (text + initialized image branch)"),

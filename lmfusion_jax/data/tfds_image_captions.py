@@ -158,6 +158,16 @@ def _fingerprint(source_dir, vae_dir, image_size: int, on_bad_image: str, test_s
   return h.hexdigest()[:16]
 
 
+def record_features(latent_shape) -> tfds.features.FeaturesDict:
+  """The records' TFDS features: {caption, latent float32[latent_shape], id} (shared with `prepare-data`,
+  which writes the same on-disk format)."""
+  return tfds.features.FeaturesDict({
+      "caption": tfds.features.Text(),
+      "latent": tfds.features.Tensor(shape=tuple(latent_shape), dtype=np.float32),
+      "id": tfds.features.Text(),
+  })
+
+
 class ImageCaptionsConfig(tfds.core.BuilderConfig):
   def __init__(self, *, name: str, source_dir: str, vae_dir: str, image_size: int, batch_size: int,
                on_bad_image: str, test_size: int, fingerprint: str):
@@ -194,11 +204,7 @@ class LmfusionImageCaptions(tfds.core.GeneratorBasedBuilder):
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
         builder=self, description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "caption": tfds.features.Text(),
-            "latent": tfds.features.Tensor(shape=self._latent_shape(), dtype=np.float32),
-            "id": tfds.features.Text(),
-        }),
+        features=record_features(self._latent_shape()),
         metadata=tfds.core.MetadataDict(fingerprint=self.builder_config.fingerprint,
                                         skipped_images=[]))
 
