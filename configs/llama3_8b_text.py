@@ -10,18 +10,15 @@ module there is (a linear patchify of a 2x2x1 latent: 16k parameters) only becau
 has one; it sees no token. For planning only: training needs image slots (the data pipeline's documents each
 carry an image), and a text-only Llama is trained with a text trainer.
 """
-import importlib.util
 import pathlib
 
-_spec = importlib.util.spec_from_file_location(
-    "llama3_8b_lmfusion_config", pathlib.Path(__file__).with_name("llama3_8b_lmfusion.py"))
-_lmfusion = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_lmfusion)
-MESH_PRESETS = _lmfusion.MESH_PRESETS
+from lmfusion_jax.run_config import load_config
+
+LMFUSION = pathlib.Path(__file__).with_name("llama3_8b_lmfusion.py")
 
 
 def get_config(arg: str = ""):
-  c = _lmfusion.get_config(arg)
+  c = load_config(f"{LMFUSION}:{arg}")
   c.fusion.separation = "none"
   c.fusion.image_io = "linear"
   c.fusion.latent_size = 2

@@ -31,7 +31,7 @@ from lmfusion_jax.evaluation.jsonl_files import read_records
 from lmfusion_jax.evaluation.metrics.inception import list_images
 from lmfusion_jax.evaluation.setup import EvalSetup
 from lmfusion_jax.inference.caption import caption_images
-from lmfusion_jax.inference.image_files import latents_from_files
+from lmfusion_jax.inference.image_files import latents_from_images, model_input_image
 from lmfusion_jax.progress import Progress
 
 
@@ -82,22 +82,23 @@ def run_caption_eval(s: EvalSetup, images_dir: str, references_file: str, out_di
   missing = [f for f in files if f not in done]
   mine = distributed.share(missing)
   bs = int(s.cfg.eval.batch_size)
+  position = {f: i for i, f in enumerate(files)}
   bad_local = {}
   with Progress(len(mine), "eval captions", unit="image") as progress:
     for start in range(0, len(mine), bs):
-      chunk, latents = [], []
+      chunk, images = [], []
       for f in mine[start:start + bs]:
         try:
-          latents.append(latents_from_files([os.path.join(folder, f)], s.loaded.fusion, s.vae)[0])
+          images.append(model_input_image(os.path.join(folder, f), s.loaded.fusion, s.vae))
           chunk.append(f)
         except UserError as e:
           if on_bad_image == "error":
             raise UserError(f"{e} (pass --on-bad-image skip to leave unreadable files out)") from e
           bad_local[f] = str(e)
       if chunk:
-        caps = caption_images(s.model, s.tokenizer, np.stack(latents), batch_size=bs,
+        caps = caption_images(s.model, s.tokenizer, latents_from_images(np.stack(images), s.vae), batch_size=bs,
                               max_new_tokens=int(s.cfg.eval.caption_max_new_tokens))
-        name = f"{files.index(chunk[0]):06d}-{files.index(chunk[-1]):06d}.jsonl"
+        name = f"{position[chunk[0]]:06d}-{position[chunk[-1]]:06d}.jsonl"
         write_text(os.path.join(out_dir, "captions", name),
                    "".join(json.dumps({"file": f, "caption": c}) + "\n" for f, c in zip(chunk, caps)))
       progress.update(len(mine[start:start + bs]))

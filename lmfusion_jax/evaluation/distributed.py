@@ -51,17 +51,14 @@ def allgather_bytes(payload: bytes) -> list[bytes]:
 
 
 def gather_json(local: Mapping[Any, Any]) -> dict:
-  """The union of every process's {key: value} (JSON-able values; int or str keys). Keys come back as they
-  went in when ints; duplicates across processes must agree (the same item computed twice)."""
+  """The union of every process's {key: value} (JSON-able values; int or str keys, which come back as they
+  went in); duplicates across processes must agree (the same item computed twice)."""
   if jax.process_count() == 1:
     return dict(local)
-  int_keys = all(isinstance(k, (int, np.integer)) for k in local)
-  payload = json.dumps({"int_keys": int_keys, "items": [[k if not isinstance(k, np.integer) else int(k), v]
-                                                        for k, v in local.items()]}).encode()
+  pairs = [[int(k) if isinstance(k, np.integer) else k, v] for k, v in local.items()]   # pairs keep int keys
   out = {}
-  for part in allgather_bytes(payload):
-    for k, v in json.loads(part.decode())["items"]:
-      out[k] = v
+  for part in allgather_bytes(json.dumps(pairs).encode()):
+    out.update((k, v) for k, v in json.loads(part.decode()))
   return out
 
 

@@ -138,12 +138,21 @@ def load_image(path: str, size: int, channels: int) -> np.ndarray:
   return x[:, :, None] if x.ndim == 2 else x
 
 
-def latents_from_files(paths, fcfg, vae=None) -> np.ndarray:
-  """Image files -> clean latents [N, H, W, C] for the model: without a VAE the image IS the latent (pixel-space
-  data such as the digits: converted to the model's channel count, area-resized to the latent size, mapped to
-  [-1, 1]); with one it is resized to the VAE's input size and encoded (posterior mean)."""
+def model_input_image(path, fcfg, vae=None) -> np.ndarray:
+  """One image file as the model reads it: without a VAE the image IS the latent (pixel-space data such as the
+  digits: the model's channel count, area-resized to the latent size, in [-1, 1]); with one, the VAE's input
+  (its size and channels). A UserError names an unreadable file."""
   if vae is None:
-    return np.stack([load_image(f, fcfg.latent_size, fcfg.latent_channels) for f in paths])
-  pixels = np.stack([load_image(f, fcfg.latent_size * vae.cfg.downsample_factor, vae.cfg.in_channels)
-                     for f in paths])
-  return np.asarray(jit_encode_latents(vae)(jnp.asarray(pixels)))
+    return load_image(path, fcfg.latent_size, fcfg.latent_channels)
+  return load_image(path, fcfg.latent_size * vae.cfg.downsample_factor, vae.cfg.in_channels)
+
+
+def latents_from_images(images: np.ndarray, vae=None) -> np.ndarray:
+  """`model_input_image`s stacked [N, ...] -> clean latents [N, H, W, C] (one batched VAE encode, posterior
+  mean; the identity without a VAE)."""
+  return np.asarray(images) if vae is None else np.asarray(jit_encode_latents(vae)(jnp.asarray(images)))
+
+
+def latents_from_files(paths, fcfg, vae=None) -> np.ndarray:
+  """Image files -> clean latents [N, H, W, C] for the model (model_input_image, then latents_from_images)."""
+  return latents_from_images(np.stack([model_input_image(f, fcfg, vae) for f in paths]), vae)

@@ -88,7 +88,7 @@ def fastest(rows: Sequence[SearchRow]) -> Optional[SearchRow]:
   return min(ok, key=lambda r: r.step_time_s) if ok else None
 
 
-def format_search(rows: Sequence[SearchRow], topology: str, hbm_capacity_bytes: Optional[int] = None) -> str:
+def format_search(rows: Sequence[SearchRow], topology: str) -> str:
   gib = lambda x: "n/a" if x is None else f"{x / 2 ** 30:.1f} GiB"  # noqa: E731
   pct = lambda x: "n/a" if x is None else f"{x:.1%}"  # noqa: E731
   lines = [f"plan --search on {topology} (the TPU compiler's estimates on this host)",
