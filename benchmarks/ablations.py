@@ -1,10 +1,18 @@
-"""The paper's ablation table at small scale, on the embedded digits data (CPU, one command).
+"""The paper's ablation table at small scale, on the embedded digits data or real MNIST (CPU, one command).
 
   python benchmarks/ablations.py [--workdir /tmp/lmfusion-ablations] [--seeds 0,1,2] [--steps 2000]
                                  [--variants lmfusion,shallow,...] [--config configs/demo_digits.py]
+                                 [--lm-size small|large]
+  python benchmarks/ablations.py --config configs/demo_mnist.py --lm-size large \
+      --variants lmfusion,random_init,transfusion      # -> /tmp/lmfusion-ablations-demo_mnist-large
+
+--lm-size: the stand-in text LM (and so the image modules copied from it): `small` is the config's (the
+demos': 2 layers, 64 wide); `large` is 4x deeper and 4x wider (8 layers, 256 wide, 16 heads of 16, FFN
+1024), pretrained with the same recipe at text_lr 1e-3. Without --workdir, runs other than the default
+(digits config, small LM) go to their own folder, /tmp/lmfusion-ablations-<config>-<size>.
 
 Every variant starts from the same pretrained tiny text LM (the demo's: same data, tokenizer and LM
-recipe, pretrained once with seed 0) and trains on the digits image-caption data with the same number of
+recipe, pretrained once with seed 0) and trains on the config's image-caption data with the same number of
 steps x rows (the same token budget) for each seed; only Transfusion-style training starts from scratch
 and gets the same FLOPs as LMFusion's whole recipe (text pretraining + LMFusion training) instead:
 
@@ -49,6 +57,10 @@ VARIANTS = {
     "transfusion": ("Transfusion-style: dense, from scratch, same FLOPs", {"fusion.separation": "none",
                                                                           "text_lr": "x1"}),
 }
+# --lm-size large: config overrides of the stand-in text LM (4x the demo's depth and width)
+LM_SIZES = {"small": {}, "large": {"model.dim": 256, "model.n_layers": 8, "model.n_heads": 16,
+                                   "model.n_kv_heads": 8, "model.head_dim": 16, "model.ffn_dim": 1024,
+                                   "demo.text_lr": 1e-3}}
 METRICS = ("caption_accuracy", "generation_accuracy", "diffusion_loss_mean", "text_nll_delta")
 
 
@@ -211,6 +223,18 @@ def reading(s: dict, results: dict) -> list:
   return lines
 
 
+def lm_shape(cfg) -> str:
+  m = cfg.model
+  return f"{m.n_layers} layers x {m.dim} wide, FFN {m.ffn_dim}, {cfg.demo.text_steps} pretraining steps"
+
+
+def variant_flags(args) -> str:
+  out = f" --variants {args.variants}" if args.variants != ",".join(VARIANTS) else ""
+  if os.path.relpath(args.config, ROOT) != os.path.join("configs", "demo_digits.py"):
+    out += f" --config {os.path.relpath(args.config, ROOT)}"
+  return out + (f" --lm-size {args.lm_size}" if args.lm_size != "small" else "")
+
+
 def markdown(s: dict, results: dict, args, setup_s: float, total_s: float) -> str:
   rows = ["| variant | steps | captioning acc | generation acc | diffusion val loss | text NLL - base |",
           "|---|---|---|---|---|---|"]
@@ -219,8 +243,10 @@ def markdown(s: dict, results: dict, args, setup_s: float, total_s: float) -> st
     rows.append(f"| {v}: {VARIANTS[v][0]} | {results[v][0]['steps']} | " + " | ".join(cells) + " |")
   seeds = sorted({int(k) for k in args.seeds.split(",")})
   run_min = sum(r["train_seconds"] + r["eval_seconds"] for rs in results.values() for r in rs) / 60
-  head = [f"`python benchmarks/ablations.py --steps {args.steps} --seeds {args.seeds}` on the digits data "
-          f"(config `{os.path.relpath(args.config, ROOT)}`); mean ± std over seeds {seeds}; every run starts from the same "
+  cfg_name = os.path.relpath(args.config, ROOT)
+  data = "MNIST" if "mnist" in cfg_name else "digits"
+  head = [f"`python benchmarks/ablations.py --steps {args.steps} --seeds {args.seeds}{variant_flags(args)}` on the "
+          f"{data} data (config `{cfg_name}`, stand-in text LM `{args.lm_size}`: {lm_shape(args.cfg)}); mean ± std over seeds {seeds}; every run starts from the same "
           f"pretrained text LM except `transfusion` (from scratch, steps chosen to match the FLOPs of text "
           f"pretraining + LMFusion training). The {sum(len(r) for r in results.values())} runs took {run_min:.1f} min "
           f"of training + evaluation (sum of their wall times, recorded in each result.json); this invocation "
@@ -232,7 +258,10 @@ def markdown(s: dict, results: dict, args, setup_s: float, total_s: float) -> st
 
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--workdir", default="/tmp/lmfusion-ablations")
+  ap.add_argument("--workdir", default="", help="default /tmp/lmfusion-ablations (digits config, small LM), "
+                                                  "else /tmp/lmfusion-ablations-<config>-<lm size>")
+  ap.add_argument("--lm-size", choices=tuple(LM_SIZES), default="small",
+                  help="stand-in text LM: small (the config's) or large (4x deeper and wider)")
   ap.add_argument("--config", default=str(ROOT / "configs" / "demo_digits.py"))
   ap.add_argument("--seeds", default="0,1,2")
   ap.add_argument("--steps", type=int, default=2000, help="LMFusion training steps per run (same for all but "
@@ -251,6 +280,14 @@ def main():
   seeds = [int(x) for x in args.seeds.split(",")]
   t0 = time.perf_counter()
   cfg = load_config(args.config)
+  for key, value in LM_SIZES[args.lm_size].items():
+    section, field = key.split(".")
+    cfg[section][field] = value
+  args.cfg = cfg
+  if not args.workdir:
+    stem = pathlib.Path(args.config).stem
+    plain = stem == "demo_digits" and args.lm_size == "small"
+    args.workdir = "/tmp/lmfusion-ablations" + ("" if plain else f"-{stem}-{args.lm_size}")
   cfg.eval.num_examples = args.eval_examples
   cfg.eval.samples_per_class = args.samples_per_class
   workdir = pathlib.Path(args.workdir)

@@ -36,8 +36,16 @@ BENCHMARKS = {
     "data": ("Data pipeline throughput and padding", "python benchmarks/data_throughput.py --batches 100", False),
     "convert_memory": ("Conversion peak memory (random ~1.2B Llama, bf16)", "python benchmarks/convert_memory.py",
                        True),
+    "prepare_cost": ("Preparing image data: prepare-data on this CPU, the SD-VAE encoder on v5p, 380M images",
+                     "python benchmarks/prepare_data_cost.py", True),
     "ablations": ("Ablations at small scale (the paper's Table 4 claims, digits data)",
                   "python benchmarks/ablations.py", True),
+    "ablations_mnist_small": ("Ablations on real MNIST, stand-in text LM 2 layers x 64 (copy-init, Transfusion)",
+                              "python benchmarks/ablations.py --config configs/demo_mnist.py:tok64 "
+                              "--variants lmfusion,random_init,transfusion --lm-size small", True),
+    "ablations_mnist_large": ("Ablations on real MNIST, stand-in text LM 8 layers x 256 (copy-init, Transfusion)",
+                              "python benchmarks/ablations.py --config configs/demo_mnist.py:tok64 "
+                              "--variants lmfusion,random_init,transfusion --lm-size large", True),
     "plan": ("TPU plan: Llama-3-8B LMFusion vs dense baseline (AOT compile, libtpu cost model)",
              "python benchmarks/plan_table.py", True),
 }

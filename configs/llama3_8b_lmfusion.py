@@ -8,8 +8,10 @@ r"""LMFusion on Llama-3-8B, the paper's setting (arXiv 2412.15188): deep separat
       --config.data.data_dir=gs://BUCKET/tfds --config.data.tokenizer_dir=gs://BUCKET/llama3-tokenizer
 
 The argument picks a mesh preset: v5p-64 (32 chips), v5p-128 (64 chips), v5p-256 (128 chips); no argument
-= FSDP over every device there is. Parameter counts: text 8.03B (frozen) + image 7.25B (6.98B layer copies
-+ 0.27B U-Net) = 15.28B, as the paper states (~7.25B trainable + 8B frozen).
+= FSDP over every device there is. The v5p-128 preset saves matmul outputs (remat_policy=dots_saveable, the
+`plan --search` pick); the others recompute the whole layer (full remat). Parameter counts: text 8.03B
+(frozen) + image 7.25B (6.98B layer copies + 0.27B U-Net) = 15.28B, as the paper states (~7.25B trainable +
+8B frozen).
 
 Attention: the block-sparse Pallas TPU flash kernel for the hybrid mask (lmfusion_jax/models/flash_attention.py:
 tiles the mask leaves empty are skipped); the XLA reference materializes 4096 x 4096 fp32 scores per head
@@ -33,6 +35,10 @@ MESH_PRESETS = {
     "v5p-128": dict(data=1, fsdp=64, tensor=1),
     "v5p-256": dict(data=1, fsdp=128, tensor=1),
 }
+# topology -> remat policy, where `plan --search` found one faster than full remat that fits (v5p-128: saving the
+# matmul outputs, 2.0 s instead of 2.27 s per step at ~70 of 95 GiB per chip; BENCHMARKS.md, TPU plan). The other
+# presets keep full remat (v5p-64 holds 8 rows per chip: 50 GiB with full remat already).
+REMAT_PRESETS = {"v5p-128": "dots_saveable"}
 
 
 def get_config(arg: str = ""):
@@ -45,7 +51,7 @@ def get_config(arg: str = ""):
   c.save_every = 1000
   c.keep_checkpoints = 3
   c.model = dict(preset="llama3_8b", param_dtype="float32", dtype="bfloat16", scan_layers=True,
-                 remat_policy="full", attention_impl="flash",
+                 remat_policy=REMAT_PRESETS.get(arg, "full"), attention_impl="flash",
                  attention_tile_fraction=causal_tile_fraction(4096, 512, 512))
   c.fusion.separation = "deep"
   c.fusion.image_init = "copy"

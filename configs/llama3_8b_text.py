@@ -19,6 +19,7 @@ LMFUSION = pathlib.Path(__file__).with_name("llama3_8b_lmfusion.py")
 
 def get_config(arg: str = ""):
   c = load_config(f"{LMFUSION}:{arg}")
+  c.model.remat_policy = "full"          # as the reference trainer's figure (whatever the LMFusion preset picks)
   c.fusion.separation = "none"
   c.fusion.image_io = "linear"
   c.fusion.latent_size = 2

@@ -1,6 +1,7 @@
-"""The built-in demo, end to end on this machine (CPU is enough), on the embedded digits data:
+"""The built-in demo, end to end on this machine (CPU is enough), on the embedded digits data or on 5,000 real
+MNIST digits (`data.dataset`: "digits", configs/demo_digits.py, or "mnist", configs/demo_mnist.py):
 
-  1. build the digits dataset (TFDS ArrayRecord) and train a small BPE tokenizer with Llama-3 specials;
+  1. build the dataset (TFDS ArrayRecord) and train a small BPE tokenizer with Llama-3 specials;
   2. pretrain a tiny Llama-3-shaped text LM on text (standing in for a downloaded Llama-3): the captions of
      the training split, captions followed by a fact about their number, number sentences, and (as web
      text keeps a marker where an image was) BOI/EOI image markers around some of those texts;
@@ -8,7 +9,7 @@
      which writes the LMFusion params checkpoint (text + image copies);
   4. train LMFusion from it with the text frozen;
   5. evaluate (captioning / generation accuracy, CIDEr-D, diffusion loss, text NLL before vs after),
-     sample a grid of digits per caption and write DIR/report.md.
+     sample a grid of digits per prompt (each row labelled by its prompt) and write DIR/report.md.
 Every stage writes into the workdir and is skipped when its output already exists (training resumes).
 """
 from __future__ import annotations
@@ -23,8 +24,18 @@ from lmfusion_jax import sharding
 from lmfusion_jax.checkpoints import params as params_io
 from lmfusion_jax.checkpoints.files import write_json, write_text
 from lmfusion_jax.data.cache import caption_with_fact, number_sentences
+from lmfusion_jax.errors import UserError
 from lmfusion_jax.training import text_pretrain
 from lmfusion_jax.models.config import llama_config_from, fusion_config_from
+
+
+DATA_NAMES = {"digits": "embedded 8x8 digits data (scikit-learn)",
+              "mnist": "5,000 real MNIST digits (28x28, padded; CC BY-SA 3.0)"}
+
+
+def grid_scale(cfg) -> int:
+  """Upscaling of the grid's images: 4x for 8x8 digits, to about 64 pixels for larger ones."""
+  return max(1, 64 // int(cfg.fusion.latent_size)) if cfg.data.dataset != "digits" else 4
 
 
 def log(msg):
@@ -36,7 +47,10 @@ def prepare_data(cfg, workdir: epath.Path):
   from lmfusion_jax.data.cache import digits_tokenizer_texts
   from lmfusion_jax.data.tokenizer import load_tokenizer, train_tokenizer
   data_dir = workdir / "tfds"
-  build_dataset("digits", str(data_dir), image_size=int(cfg.data.image_size))
+  if cfg.data.dataset not in ("digits", "mnist"):
+    raise UserError(f"demo: data.dataset={cfg.data.dataset!r}; the demo runs on 'digits' or 'mnist'")
+  # both datasets caption with the digits templates: one tokenizer corpus
+  build_dataset(cfg.data.dataset, str(data_dir), image_size=int(cfg.data.image_size))
   tok_dir = workdir / "tokenizer"
   if not tok_dir.exists():
     train_tokenizer(digits_tokenizer_texts(), int(cfg.demo.tokenizer_vocab), str(tok_dir))
@@ -44,7 +58,7 @@ def prepare_data(cfg, workdir: epath.Path):
 
 
 def text_corpus(data_cfg, split: str) -> list:
-  """The text LM's 'web text': the caption texts of a split of the digits data, each also followed by a
+  """The text LM's 'web text': the caption texts of a split of the data, each also followed by a
   statement about its number, plus number sentences."""
   from lmfusion_jax.evaluation.setup import read_records
   records = read_records(data_cfg, split)
@@ -112,8 +126,9 @@ def sample_grid(cfg, run_dir: str, workdir) -> str:
   lat = image.generate_images(loaded.model(), ids, loaded.diffusion, num_steps=int(sp.steps),
                               sampler=str(sp.sampler), cfg_scale=float(sp.cfg_scale), eta=float(sp.eta),
                               seed=int(cfg.seed), clip_x0=1.0, pad_id=special_ids(tok)["pad"])
-  images = image_files.decode_to_images(np.asarray(lat))
-  grid = image_files.contact_sheet(image_files.upscale(images, 4), columns=n)
+  images = image_files.upscale(image_files.decode_to_images(np.asarray(lat)), grid_scale(cfg))  # [N, H, W, 1]
+  grid = image_files.contact_sheet(images, columns=n)
+  grid = image_files.label_rows(grid, prompts, row_height=images.shape[1])
   path = workdir / "samples_grid.png"
   image_files.write_png(str(path), grid)
   return str(path)
@@ -123,7 +138,7 @@ def write_report(workdir, metrics: dict, timings: dict, paths: dict, cfg) -> str
   cap, gen = metrics.get("caption_accuracy"), metrics.get("generation_accuracy")
   lines = [
       "# lmfusion-jax demo report", "",
-      "LMFusion on the embedded digits data: a tiny Llama-3-shaped text LM was pretrained on caption text, "
+      f"LMFusion on the {DATA_NAMES.get(cfg.data.dataset, cfg.data.dataset)}: a tiny Llama-3-shaped text LM was pretrained on caption text, "
       "exported to Hugging Face format, converted back with `convert-llama`, and extended with image weights "
       "that were trained while every text weight stayed frozen.", "",
       "## Metrics (held-out test split)", "",
@@ -140,7 +155,7 @@ def write_report(workdir, metrics: dict, timings: dict, paths: dict, cfg) -> str
       f"| text NLL of the base LM | {metrics['text_nll_base']!r} | |",
       f"| text NLL after LMFusion training | {metrics['text_nll']!r} | bitwise equal |",
       f"| text NLL unchanged to the last bit | {metrics['text_nll_unchanged']} | True |", "",
-      "## Samples", "", f"One row per prompt \"a handwritten digit <zero..nine>\", "
+      "## Samples", "", f"One row per prompt \"a handwritten digit <zero..nine>\" (written left of the row), "
       f"{cfg.demo.samples_per_digit} samples each ({cfg.sampling.sampler}, {cfg.sampling.steps} steps, "
       f"CFG scale {cfg.sampling.cfg_scale}):", "", "![samples](samples_grid.png)", "",
       "## Example captions", "",

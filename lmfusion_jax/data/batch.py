@@ -13,6 +13,9 @@ starting at `image_positions`. A row has a fixed text length T and a fixed numbe
                                               (0 for BOI: the token after BOI is an image; 0 for the last
                                               token before an image is never needed: it predicts BOI)
   latents            float32 [B, I, H, W, C]  clean image latents (zeros in empty slots)
+    or pixels        uint8   [B, I, S, S, 3]  (data.encode="online") the 8-bit RGB images, encoded to latents
+                                              inside the train step (training.online_encoding); zeros in
+                                              empty slots
   image_positions    int32   [B, I]           position of the image's first token inside its document
   image_segment_ids  int32   [B, I]           document number of the image; 0 = empty slot
   image_first        bool    [B, I]           the image came before its caption (understanding example);
@@ -39,30 +42,38 @@ IMAGE_KEYS = ("latents", "image_positions", "image_segment_ids", "image_first")
 KEYS = TEXT_KEYS + IMAGE_KEYS
 
 
+def image_key(batch: dict) -> str:
+  """The field holding the images: "pixels" (encoded online) or "latents" (precomputed)."""
+  return "pixels" if "pixels" in batch else "latents"
+
+
 class BatchError(UserError):
   """A batch violates the packed-batch contract; the message names the field."""
 
 
 def check_batch(batch: dict, text_len: int | None = None, image_slots: int | None = None) -> None:
   """Validates shapes and dtypes of a host (numpy) batch; raises BatchError naming the field."""
-  missing = [k for k in KEYS if k not in batch]
+  img = image_key(batch)
+  missing = [k for k in TEXT_KEYS + (img,) + IMAGE_KEYS[1:] if k not in batch]
   if missing:
     raise BatchError(f"batch is missing field(s) {missing}")
   b, t = np.shape(batch["tokens"])
   for k in TEXT_KEYS:
     if np.shape(batch[k]) != (b, t):
       raise BatchError(f"batch field {k!r} has shape {np.shape(batch[k])}, expected {(b, t)}")
-  lat = np.shape(batch["latents"])
+  lat = np.shape(batch[img])
   if len(lat) != 5 or lat[0] != b:
-    raise BatchError(f"batch field 'latents' has shape {lat}, expected [batch={b}, slots, H, W, C]")
+    raise BatchError(f"batch field {img!r} has shape {lat}, expected [batch={b}, slots, H, W, C]")
   for k in IMAGE_KEYS[1:]:
     if np.shape(batch[k]) != lat[:2]:
       raise BatchError(f"batch field {k!r} has shape {np.shape(batch[k])}, expected {lat[:2]}")
   if text_len is not None and t != text_len:
     raise BatchError(f"batch field 'tokens' has length {t}, config says {text_len}")
   if image_slots is not None and lat[1] != image_slots:
-    raise BatchError(f"batch field 'latents' has {lat[1]} image slots, config says {image_slots}")
-  if not np.all(np.isfinite(batch["latents"])):
+    raise BatchError(f"batch field {img!r} has {lat[1]} image slots, config says {image_slots}")
+  if img == "pixels" and np.asarray(batch[img]).dtype != np.uint8:
+    raise BatchError(f"batch field 'pixels' is {np.asarray(batch[img]).dtype}, expected uint8")
+  if img == "latents" and not np.all(np.isfinite(batch["latents"])):
     raise BatchError("batch field 'latents' contains NaN or Inf")
 
 
@@ -97,17 +108,22 @@ def padded_chunks(items: Sequence, size: int, pad=None, always_pad: bool = False
     yield chunk, real
 
 
-def batch_spec(batch_size: int, text_len: int, image_slots: int, latent_shape) -> Dict[str, Tuple[tuple, Any]]:
-  """field -> (shape, dtype) of a packed batch (the table at the top of this module)."""
+def batch_spec(batch_size: int, text_len: int, image_slots: int, latent_shape,
+               pixels: bool = False) -> Dict[str, Tuple[tuple, Any]]:
+  """field -> (shape, dtype) of a packed batch (the table at the top of this module). With `pixels`, the
+  images are uint8 "pixels" of shape `latent_shape` = (S, S, 3) instead of float32 "latents"."""
   b, t, i = int(batch_size), int(text_len), int(image_slots)
+  images = {"pixels": ((b, i, *latent_shape), np.uint8)} if pixels else {
+      "latents": ((b, i, *latent_shape), np.float32)}
   return {"tokens": ((b, t), np.int32), "text_positions": ((b, t), np.int32),
           "text_segment_ids": ((b, t), np.int32), "targets": ((b, t), np.int32),
-          "loss_mask": ((b, t), np.float32), "latents": ((b, i, *latent_shape), np.float32),
+          "loss_mask": ((b, t), np.float32), **images,
           "image_positions": ((b, i), np.int32), "image_segment_ids": ((b, i), np.int32),
           "image_first": ((b, i), np.bool_)}
 
 
-def abstract_batch(batch_size: int, text_len: int, image_slots: int, latent_shape, mesh: Mesh) -> dict:
+def abstract_batch(batch_size: int, text_len: int, image_slots: int, latent_shape, mesh: Mesh,
+                   pixels: bool = False) -> dict:
   """ShapeDtypeStructs of one global batch, sharded over ("data", "fsdp") on the batch dimension."""
   return {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(mesh, len(s)))
-          for k, (s, d) in batch_spec(batch_size, text_len, image_slots, latent_shape).items()}
+          for k, (s, d) in batch_spec(batch_size, text_len, image_slots, latent_shape, pixels).items()}

@@ -22,9 +22,9 @@ from lmfusion_jax.data.sequences import SKIP_REASONS, BadRecordError, Document, 
 class _PackIterator(grain.DatasetIterator):
 
   def __init__(self, parent: grain.DatasetIterator, text_len: int, image_slots: int, latent_shape,
-               on_bad_record: str):
+               on_bad_record: str, pixels: bool = False):
     super().__init__(parent)
-    self._packer = RowPacker(text_len, image_slots, latent_shape)
+    self._packer = RowPacker(text_len, image_slots, latent_shape, pixels)
     self._on_bad_record = on_bad_record
     self._pending = None                # a Document held back for the next row
     self._state_before_pending = None   # parent state from before that document was read
@@ -98,9 +98,9 @@ class PackIterDataset(grain.IterDataset):
   """Packs a stream of Documents / SkippedRecords into fixed-size rows (next-fit)."""
 
   def __init__(self, parent: grain.IterDataset, *, text_len: int, image_slots: int, latent_shape,
-               on_bad_record: str = "error"):
+               on_bad_record: str = "error", pixels: bool = False):
     super().__init__(parent)
-    self._args = (text_len, image_slots, tuple(latent_shape), on_bad_record)
+    self._args = (text_len, image_slots, tuple(latent_shape), on_bad_record, pixels)
 
   def __iter__(self) -> _PackIterator:
     return _PackIterator(self._parent.__iter__(), *self._args)

@@ -3,7 +3,7 @@
 A row has `text_len` text slots and `image_slots` image slots (see `lmfusion_jax.data.batch`). Documents
 are packed next-fit, in arrival order: a document goes into the current row if both its text tokens
 and its images fit, otherwise the current row is closed and a new one started. Everything not used is
-padding: token 0, segment id 0, loss_mask 0, zero latents.
+padding: token 0, segment id 0, loss_mask 0, zero latents (or zero pixels: `pixels=True`, data.encode="online").
 """
 from __future__ import annotations
 
@@ -15,25 +15,28 @@ from lmfusion_jax.data.batch import batch_spec
 from lmfusion_jax.data.sequences import Document
 
 
-def empty_row(text_len: int, image_slots: int, latent_shape) -> dict:
+def empty_row(text_len: int, image_slots: int, latent_shape, pixels: bool = False) -> dict:
   """An all-padding row (no batch dimension)."""
-  return {k: np.zeros(shape[1:], dtype) for k, (shape, dtype) in batch_spec(1, text_len, image_slots, latent_shape).items()}
+  spec = batch_spec(1, text_len, image_slots, latent_shape, pixels)
+  return {k: np.zeros(shape[1:], dtype) for k, (shape, dtype) in spec.items()}
 
 
-def empty_batch(batch_size: int, text_len: int, image_slots: int, latent_shape) -> dict:
-  row = empty_row(text_len, image_slots, latent_shape)
+def empty_batch(batch_size: int, text_len: int, image_slots: int, latent_shape, pixels: bool = False) -> dict:
+  row = empty_row(text_len, image_slots, latent_shape, pixels)
   return {k: np.zeros((batch_size, *v.shape), v.dtype) for k, v in row.items()}
 
 
 class RowPacker:
   """Builds one row at a time. `fits(doc)` / `add(doc)` / `emit()`; pure bookkeeping, no I/O."""
 
-  def __init__(self, text_len: int, image_slots: int, latent_shape):
+  def __init__(self, text_len: int, image_slots: int, latent_shape, pixels: bool = False):
     self.text_len, self.image_slots, self.latent_shape = text_len, image_slots, tuple(latent_shape)
+    self.pixels = pixels
+    self.image_key = "pixels" if pixels else "latents"
     self._reset()
 
   def _reset(self):
-    self.row = empty_row(self.text_len, self.image_slots, self.latent_shape)
+    self.row = empty_row(self.text_len, self.image_slots, self.latent_shape, self.pixels)
     self.text_used = 0
     self.images_used = 0
     self.num_documents = 0
@@ -61,7 +64,7 @@ class RowPacker:
     r["targets"][t0:t1] = doc.targets
     r["loss_mask"][t0:t1] = doc.loss_mask
     i0, i1 = self.images_used, self.images_used + doc.num_images
-    r["latents"][i0:i1] = doc.latents
+    r[self.image_key][i0:i1] = doc.latents
     r["image_positions"][i0:i1] = doc.image_positions
     r["image_segment_ids"][i0:i1] = seg
     r["image_first"][i0:i1] = doc.image_first

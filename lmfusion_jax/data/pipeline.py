@@ -17,12 +17,21 @@ uninterrupted one would, with any number of workers. The state is per process (r
 process count).
 
 Data config (`config.data`, an ml_collections ConfigDict; defaults in `default_data_config()`):
-  dataset              "digits" | "image_captions" | "synthetic"
+  dataset              "digits" | "mnist" | "image_captions" | "synthetic"
   data_dir             TFDS data dir (local or gs://) holding the prepared datasets
   split / eval_split   split read by make_train_iterator / make_eval_iterator
-  image_size           latent side: digits config "size{image_size}"; image_captions config
-                       "res{image_size}" unless `builder_config` is set; synthetic latent side
+  image_size           latent side: digits / mnist config "size{image_size}"; image_captions config
+                       "res{image_size}" ("png{image_size}" with encode="online") unless `builder_config`
+                       is set; synthetic latent side
   builder_config       explicit TFDS builder config name (image_captions); "" = derive from image_size
+  encode               "precomputed": records hold VAE latents (`prepare-data --vae-dir`, build-data);
+                       "online": records hold 8-bit images (`prepare-data --encode none`), batches carry uint8
+                       "pixels" [batch, slots, S, S, 3] and the train step encodes them with the VAE in
+                       `vae_dir` (training.online_encoding)
+  vae_dir              (online) the Flax VAE folder from `lmfusion-jax convert-vae`
+  crop_size            (online) 0 = encode the stored S x S image whole; else a random crop_size square
+                       of it per image and step
+  random_flip          (online) flip each image left-right with probability 1/2 per step
   text_len             T, text slots per packed row
   image_slots          I, image slots per packed row
   tokens_per_image     P, sequence positions one image takes (= the model's image tokens per image)
@@ -38,7 +47,7 @@ Data config (`config.data`, an ml_collections ConfigDict; defaults in `default_d
   tokenizer_dir        HF tokenizer folder (for callers that load it with `load_tokenizer`)
   shuffle              shuffle training records
   num_epochs           training epochs; None = repeat forever
-  build_if_missing     build the digits dataset when absent (single-process runs only)
+  build_if_missing     build the digits / mnist dataset when absent (single-process runs only)
   synthetic_num_records / synthetic_channels   the synthetic source's size and latent channels
 """
 from __future__ import annotations
@@ -57,7 +66,7 @@ from lmfusion_jax.data.tfds_quiet import quiet_download_config
 from lmfusion_jax.data.tokenizer import CaptionEncoder, special_ids
 from lmfusion_jax.errors import UserError
 
-DATASETS = ("digits", "image_captions", "synthetic")
+DATASETS = ("digits", "mnist", "image_captions", "synthetic")
 
 
 class DataConfigError(UserError):
@@ -91,12 +100,32 @@ def default_data_config() -> ml_collections.ConfigDict:
       build_if_missing=True,
       synthetic_num_records=4096,
       synthetic_channels=4,
+      encode="precomputed",
+      vae_dir="",
+      crop_size=0,
+      random_flip=False,
   ))
 
 
+ENCODE = ("precomputed", "online")
+
+
+def encodes_online(data_cfg) -> bool:
+  """data.encode, checked ("precomputed" for configs written before the field existed)."""
+  mode = data_cfg.get("encode", "precomputed")
+  if mode not in ENCODE:
+    raise DataConfigError(f"data.encode={mode!r}: expected one of {ENCODE}")
+  return mode == "online"
+
+
 def make_source(data_cfg, split: str, *, process_count: int = 1):
-  """(random-access source of records, latent shape (H, W, C)) for `data_cfg.dataset` / `split`."""
+  """(random-access source of records, latent shape (H, W, C)) for `data_cfg.dataset` / `split`; with
+  data.encode="online" the records' image shape (S, S, 3) instead."""
   name = data_cfg.dataset
+  online = encodes_online(data_cfg)
+  if online and name != "image_captions":
+    raise DataConfigError(f"data.encode='online' reads 8-bit images from an image_captions dataset "
+                          f"(`prepare-data --encode none`); data.dataset={name!r} holds latents")
   if name == "synthetic":
     src = SyntheticSource(num_records=data_cfg.synthetic_num_records, image_size=data_cfg.image_size,
                           channels=data_cfg.synthetic_channels, seed=data_cfg.seed, split=split)
@@ -105,21 +134,29 @@ def make_source(data_cfg, split: str, *, process_count: int = 1):
     raise DataConfigError(f"data.dataset={name!r} unknown (have {DATASETS})")
   if not data_cfg.data_dir:
     raise DataConfigError(f"data.data_dir is empty: dataset {name!r} is read from a TFDS data dir")
-  if name == "digits":
-    from lmfusion_jax.data.tfds_digits import digits_builder
-    builder = digits_builder(data_cfg.data_dir, data_cfg.image_size)
+  if name in ("digits", "mnist"):
+    from lmfusion_jax.data.build import pixel_builder
+    builder = pixel_builder(name, data_cfg.data_dir, data_cfg.image_size)
     if not builder.is_prepared():
       if not (data_cfg.build_if_missing and process_count == 1):
-        raise DataConfigError(f"digits dataset is not prepared under {data_cfg.data_dir!r}; build it "
-                              f"first with lmfusion_jax.data.build.build_dataset('digits', ...)")
+        raise DataConfigError(f"{name} dataset is not prepared under {data_cfg.data_dir!r}; build it "
+                              f"first with lmfusion_jax.data.build.build_dataset({name!r}, ...)")
       builder.download_and_prepare(download_config=quiet_download_config())
   else:
     from lmfusion_jax.data.tfds_image_captions import image_captions_reader
-    builder = image_captions_reader(data_cfg.data_dir,
-                                    data_cfg.builder_config or f"res{data_cfg.image_size}")
+    config = data_cfg.builder_config or f"{'png' if online else 'res'}{data_cfg.image_size}"
+    builder = image_captions_reader(data_cfg.data_dir, config)
   if split not in builder.info.splits:
     raise DataConfigError(f"dataset {name!r} has no split {split!r} (have {sorted(builder.info.splits)})")
-  return builder.as_data_source(split), tuple(builder.info.features["latent"].shape)
+  field = "image" if online else "latent"
+  features = builder.info.features
+  if field not in features:
+    hint = ("data.encode='online' needs records with an 'image' field (written by `prepare-data --encode "
+            "none`)" if online else "its records hold 8-bit images: train on it with "
+            "--config.data.encode=online --config.data.vae_dir=VAE")
+    raise DataConfigError(f"dataset {name!r} ({builder.data_dir}) has no {field!r} field (fields: "
+                          f"{sorted(features.keys())}); {hint}")
+  return builder.as_data_source(split), tuple(features[field].shape)
 
 
 def _absl_flags_parsed() -> None:
@@ -143,9 +180,9 @@ class _ToDocument:
 class _StackAndPad:
   """Stacks rows into a batch of exactly `batch_size`, padding a short last batch with empty rows."""
 
-  def __init__(self, batch_size: int, text_len: int, image_slots: int, latent_shape):
+  def __init__(self, batch_size: int, text_len: int, image_slots: int, latent_shape, pixels: bool = False):
     self.batch_size = batch_size
-    self.empty = empty_row(text_len, image_slots, latent_shape)
+    self.empty = empty_row(text_len, image_slots, latent_shape, pixels)
 
   def __call__(self, rows) -> dict:
     rows = list(rows) + [self.empty] * (self.batch_size - len(rows))
@@ -166,7 +203,7 @@ def _sequence_spec(data_cfg, latent_shape, *, training: bool) -> SequenceSpec:
       caption_first_prob=data_cfg.caption_first_prob,
       caption_dropout=data_cfg.caption_dropout if training else 0.0,
       order="random" if training else data_cfg.eval_order,
-      on_bad_record=data_cfg.on_bad_record)
+      on_bad_record=data_cfg.on_bad_record, pixels=encodes_online(data_cfg))
 
 
 def make_dataset(data_cfg, tokenizer, *, process_index: int, process_count: int, training: bool,
@@ -199,9 +236,10 @@ def make_dataset(data_cfg, tokenizer, *, process_index: int, process_count: int,
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=data_cfg.num_workers,
                                                      per_worker_buffer_size=data_cfg.worker_buffer_size))
   it = pack_stage.PackIterDataset(it, text_len=spec.text_len, image_slots=spec.image_slots,
-                                  latent_shape=spec.latent_shape, on_bad_record=spec.on_bad_record)
+                                  latent_shape=spec.latent_shape, on_bad_record=spec.on_bad_record,
+                                  pixels=spec.pixels)
   return it.batch(batch, batch_fn=_StackAndPad(batch, spec.text_len, spec.image_slots,
-                                               spec.latent_shape))
+                                               spec.latent_shape, spec.pixels))
 
 
 def make_train_iterator(data_cfg, tokenizer, *, process_index: int, process_count: int,
@@ -229,7 +267,7 @@ def make_eval_iterator(data_cfg, tokenizer, *, process_index: int, process_count
   if num_batches is None:
     return it
   empty = empty_batch(local_batch_size(data_cfg, process_count), data_cfg.text_len,
-                      data_cfg.image_slots, latent_shape)
+                      data_cfg.image_slots, latent_shape, encodes_online(data_cfg))
   return _fixed_count(it, num_batches, empty)
 
 

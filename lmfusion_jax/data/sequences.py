@@ -1,6 +1,8 @@
 """One record -> one document: order and caption-dropout draws, validation, and the token layout.
 
-A record is `{"caption": str|bytes, "latent": float32[H, W, C], "id": str|bytes|int, "label": int?}`.
+A record is `{"caption": str|bytes, "latent": float32[H, W, C], "id": str|bytes|int, "label": int?}`, or with
+`SequenceSpec.pixels` (data.encode="online") `{"caption", "image": uint8[S, S, 3], "id"}`: the document then
+carries the uint8 pixels where it would carry the latent (encoded in the train step).
 A document is laid out exactly as `lmfusion_jax.data.batch` says (positions 0-based, P = tokens_per_image):
 
   caption first (n caption tokens):
@@ -48,6 +50,15 @@ class SequenceSpec:
   caption_dropout: float = 0.1
   order: str = "random"                  # "random" | "caption_first" | "image_first"
   on_bad_record: str = "error"           # "error" | "skip"
+  pixels: bool = False                   # records hold uint8 "image" [S, S, 3] (latent_shape = (S, S, 3))
+
+  @property
+  def record_field(self) -> str:
+    return "image" if self.pixels else "latent"
+
+  @property
+  def image_dtype(self):
+    return np.uint8 if self.pixels else np.float32
 
   def __post_init__(self):
     if self.text_len < 4:
@@ -75,7 +86,7 @@ class Document:
   text_positions: np.ndarray   # int32 [n_text]
   targets: np.ndarray          # int32 [n_text]
   loss_mask: np.ndarray        # float32 [n_text]
-  latents: np.ndarray          # float32 [n_images, H, W, C]
+  latents: np.ndarray          # float32 [n_images, H, W, C] (uint8 [n_images, S, S, 3] with spec.pixels)
   image_positions: np.ndarray  # int32 [n_images]
   image_first: np.ndarray      # bool [n_images]
 
@@ -122,8 +133,9 @@ def draw_choices(spec: SequenceSpec, rng: np.random.Generator) -> tuple:
 def record_problem(caption_ids: list, latent: np.ndarray, spec: SequenceSpec) -> Optional[tuple]:
   """(reason, detail) if the record is bad data, else None. Checks the SOURCE record (before dropout)."""
   if tuple(latent.shape) != tuple(spec.latent_shape):
-    return "latent_shape", f"latent has shape {tuple(latent.shape)}, expected {tuple(spec.latent_shape)}"
-  if not np.all(np.isfinite(latent)):
+    return "latent_shape", (f"{spec.record_field} has shape {tuple(latent.shape)}, expected "
+                            f"{tuple(spec.latent_shape)}")
+  if not spec.pixels and not np.all(np.isfinite(latent)):
     return "latent_nonfinite", "latent contains NaN or Inf"
   if len(caption_ids) == 0:
     return "empty_caption", "caption is empty"
@@ -134,7 +146,7 @@ def record_problem(caption_ids: list, latent: np.ndarray, spec: SequenceSpec) ->
 
 
 def layout_document(record_id: str, caption_ids, latent: np.ndarray, *, caption_first: bool,
-                    special: dict, tokens_per_image: int) -> Document:
+                    special: dict, tokens_per_image: int, dtype=np.float32) -> Document:
   """Lays out BOS/caption/BOI/image/EOI/EOS with positions and next-text-token targets."""
   caption_ids = [int(t) for t in caption_ids]
   n, p = len(caption_ids), tokens_per_image
@@ -156,7 +168,7 @@ def layout_document(record_id: str, caption_ids, latent: np.ndarray, *, caption_
   return Document(
       record_id=record_id, tokens=tokens, text_positions=positions, targets=targets,
       loss_mask=follows.astype(np.float32),
-      latents=np.asarray(latent, np.float32)[None],
+      latents=np.asarray(latent, dtype)[None],
       image_positions=np.asarray([image_position], np.int32),
       image_first=np.asarray([not caption_first], bool))
 
@@ -166,7 +178,9 @@ def build_document(record: dict, encode: Callable[[str], list], spec: SequenceSp
   """Record -> Document (or SkippedRecord / BadRecordError for bad data, per spec.on_bad_record)."""
   record_id = record_id_of(record, example_index)
   caption_ids = encode(as_text(record.get("caption", "")).strip())
-  latent = np.asarray(record["latent"])
+  if spec.record_field not in record:
+    raise BadRecordError(f"record id={record_id!r} has no {spec.record_field!r} field (fields: {sorted(record)})")
+  latent = np.asarray(record[spec.record_field])
   problem = record_problem(caption_ids, latent, spec)
   if problem is not None:
     reason, detail = problem
@@ -175,9 +189,9 @@ def build_document(record: dict, encode: Callable[[str], list], spec: SequenceSp
     raise BadRecordError(f"record id={record_id!r}: {detail} ({reason}); set on_bad_record='skip' to "
                          f"skip and count such records")
   caption_first, drop = draw_choices(spec, example_rng(seed, example_index))
-  return layout_document(record_id, [] if drop else caption_ids, latent.astype(np.float32),
+  return layout_document(record_id, [] if drop else caption_ids, latent.astype(spec.image_dtype),
                          caption_first=caption_first, special=special,
-                         tokens_per_image=spec.tokens_per_image)
+                         tokens_per_image=spec.tokens_per_image, dtype=spec.image_dtype)
 
 
 def text_document(record_id: str, ids, latent_shape=(1, 1, 1)) -> Document:

@@ -65,7 +65,7 @@ class Generation:
       if any(r["label"] is None for r in train):
         raise ConfigError(f"data.{data.split}: records without labels; cannot fit the image classifier")
       clf = metrics.fit_digit_classifier(to_float_images(np.stack([r["latent"] for r in train]), s.vae),
-                                         [r["label"] for r in train])
+                                         [r["label"] for r in train], **eval_sets.classifier_spec(data.dataset))
       out["generation_accuracy"] = metrics.generation_accuracy(clf, images, labels)
     feature_fn = self.feature_fn or (metrics.digit_feature_fn(clf) if clf is not None else None)
     out["fid"] = None

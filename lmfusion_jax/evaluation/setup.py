@@ -97,7 +97,9 @@ def fill_sampling(cfg, run_config=None) -> None:
 
 
 def read_records(data_cfg, split: str, limit: Optional[int] = None) -> list:
-  """The first `limit` records of `split` (all when None), as dicts with caption str / latent / label?."""
+  """The first `limit` records of `split` (all when None), as dicts with caption str / latent / label?. Records
+  holding images (`prepare-data --encode none`, trained with data.encode="online") get their latents here, with
+  the training step's function (data.vae_dir's encoder, posterior mean; a center data.crop_size crop if set)."""
   from lmfusion_jax.data.pipeline import make_source
   source, _ = make_source(data_cfg, split)
   n = len(source) if limit is None or limit < 0 else min(int(limit), len(source))
@@ -105,11 +107,32 @@ def read_records(data_cfg, split: str, limit: Optional[int] = None) -> list:
   for i in range(n):
     r = source[i]
     out.append({"id": record_id_of(r, i), "caption": as_text(r.get("caption", "")).strip(),
-                "latent": np.asarray(r["latent"], np.float32),
+                "latent": np.asarray(r["latent"], np.float32) if "latent" in r else np.asarray(r["image"]),
                 "label": int(r["label"]) if "label" in r else None})
   if not out:
     raise ConfigError(f"data.{split}: no records to evaluate")
+  if out[0]["latent"].dtype == np.uint8:
+    _encode_images(data_cfg, out)
   return out
+
+
+def _encode_images(data_cfg, records: list, batch_size: int = 16) -> None:
+  """records' uint8 images [S, S, 3] (in "latent") -> their latents, in place."""
+  from lmfusion_jax.data.prepare.encode import Encoder
+  if not data_cfg.get("vae_dir"):
+    raise ConfigError("data.vae_dir is empty: the dataset holds images (prepare-data --encode none), which "
+                      "evaluation encodes with the training run's VAE; set --config.data.vae_dir=DIR")
+  s = records[0]["latent"].shape[0]
+  crop = int(data_cfg.get("crop_size", 0) or 0) or s
+  lo = (s - crop) // 2
+  encoder = Encoder("vae", crop, str(data_cfg.vae_dir), batch_size)
+  for start in range(0, len(records), encoder.batch_size):
+    chunk = records[start:start + encoder.batch_size]
+    pixels = np.stack([r["latent"][lo:lo + crop, lo:lo + crop] for r in chunk])   # [n, crop, crop, 3]
+    for r, (_, example) in zip(chunk, encoder.encode([r["id"] for r in chunk], [""] * len(chunk), pixels)):
+      if example is None:
+        raise ConfigError(f"data.{data_cfg.get('split', '')}: record {r['id']!r}: the VAE gives a non-finite latent")
+      r["latent"] = example["latent"]
 
 
 def batch_rows(data_cfg, mesh) -> int:

@@ -2,7 +2,7 @@
 the digits), upscaling, contact sheets, and PNG files (written atomically through checkpoints.files).
 
   decode_to_images(latents, vae=None) -> uint8 [N, H', W', C']
-  write_png / contact_sheet / write_samples
+  write_png / contact_sheet / label_rows (prompt text left of each row) / write_samples
 """
 from __future__ import annotations
 
@@ -63,6 +63,26 @@ def contact_sheet(images: np.ndarray, columns: Optional[int] = None, pad: int = 
     y, x = pad + r * (h + pad), pad + q * (w + pad)
     sheet[y:y + h, x:x + w] = img
   return sheet
+
+
+def label_rows(sheet: np.ndarray, labels, row_height: int, pad: int = 2, pad_value: int = 255) -> np.ndarray:
+  """A contact sheet uint8 [H, W, C] with rows of `row_height` pixels (+ `pad`) -> [H, M + W, C]: a left
+  margin of width M holding each row's label, drawn in black with PIL's default font, vertically centred."""
+  from PIL import Image, ImageDraw, ImageFont
+  sheet = np.asarray(sheet)
+  if sheet.ndim != 3 or sheet.dtype != np.uint8:
+    raise ValueError(f"label_rows: expected a uint8 [H, W, C] sheet, got {sheet.dtype} {sheet.shape}")
+  font = ImageFont.load_default()
+  probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+  boxes = [probe.textbbox((0, 0), str(t), font=font) for t in labels]     # (left, top, right, bottom)
+  margin = max((b[2] for b in boxes), default=0) + 2 * max(pad, 4)
+  canvas = Image.new("L", (margin, sheet.shape[0]), pad_value)
+  draw = ImageDraw.Draw(canvas)
+  for r, (text, box) in enumerate(zip(labels, boxes)):
+    y = pad + r * (row_height + pad) + (row_height - (box[3] - box[1])) // 2 - box[1]
+    draw.text((max(pad, 4), y), str(text), fill=0, font=font)
+  margin_px = np.repeat(np.asarray(canvas, np.uint8)[:, :, None], sheet.shape[2], axis=2)   # [H, M, C]
+  return np.concatenate([margin_px, sheet], axis=1)
 
 
 def write_png(path, image: np.ndarray) -> str:

@@ -17,6 +17,8 @@ How the compiler's figures are read:
                           attention halved).
   hfu     the compiled program's FLOPs (what the kernels really run, the flash kernel's cost estimate
           included) / (step time x peak x chips).
+  online  with data.encode="online" the VAE encoder's stage is compiled alone for the same mesh and batch
+          (planning.encoder_cost) and reported next to the step: its time, and its share of step + encoder.
 Every figure is an estimate of the TPU compiler on a CPU host, not a TPU measurement.
 """
 from __future__ import annotations
@@ -72,13 +74,20 @@ class PlanReport:
   per_layer_flops: Optional[float] = None     # ... and of the FLOPs (per device)
   n_layers: int = 0
   cost_warning: str = ""       # set when the cost figures fail the sanity check (then no time / MFU)
+  encoder: Optional[dict] = None   # data.encode="online": planning.encoder_cost.encoder_cost's figures
+
+  @property
+  def encoder_share(self) -> Optional[float]:
+    """The online encoder's estimated share of (train step + encoder) time."""
+    e = (self.encoder or {}).get("seconds")
+    return e / (e + self.step_time_s) if (e and self.step_time_s) else None
 
   @property
   def fits(self) -> bool:
     return not self.compiler_message and self.hbm_need_bytes <= self.hbm_capacity_bytes
 
   def to_dict(self) -> dict:
-    return {**dataclasses.asdict(self), "fits": self.fits}
+    return {**dataclasses.asdict(self), "fits": self.fits, "encoder_share": self.encoder_share}
 
 
 def plan(cfg, topology: str, num_slices: int = 1, cost_mode: str = "scaled",
@@ -91,6 +100,10 @@ def plan(cfg, topology: str, num_slices: int = 1, cost_mode: str = "scaled",
   devices = topology_devices(topo, num_slices)
   mesh = make_plan_mesh(cfg.mesh, devices, num_slices)
   lcfg, fcfg, _ = model_configs(cfg)
+  encoder = None
+  if cfg.data.get("encode", "precomputed") == "online":   # first: a latent-shape mismatch fails fast
+    from lmfusion_jax.planning.encoder_cost import encoder_cost
+    encoder = encoder_cost(cfg, mesh, fcfg, progress)
   lowered, state, batch = _timed(progress, "lowering the train step", lambda: lower_train_step(cfg, mesh))
   compiler_message = ""
   try:
@@ -142,6 +155,6 @@ def plan(cfg, topology: str, num_slices: int = 1, cost_mode: str = "scaled",
       mfu_required=util(mflops["required"]), hfu=util(compiled_flops),
       peak_flops_per_chip=peak, cost_source=cost["source"], compiler_message=compiler_message,
       per_layer_seconds=cost.get("per_layer_seconds"), per_layer_flops=cost.get("per_layer_flops"),
-      n_layers=lcfg.n_layers, cost_warning=cost_warning)
+      n_layers=lcfg.n_layers, cost_warning=cost_warning, encoder=encoder)
 
 

@@ -48,7 +48,28 @@ def format_report(r: PlanReport) -> str:
     lines.append("  (all figures: the TPU compiler's estimates on this host, not TPU measurements)")
   elif r.fits and not r.cost_warning:
     lines.append("  step time: the compiler gave no estimate for this target")
+  if r.encoder:
+    lines += _encoder_lines(r)
   return "\n".join(lines)
+
+
+def _encoder_lines(r: PlanReport) -> list:
+  e = r.encoder
+  crop = f", random {e['crop_size']}px crops" if e["crop_size"] else ""
+  out = [f"  online encoding (data.encode=online): VAE encoder {tuple(e['block_out_channels'])} from {e['vae']}, "
+         f"{e['images_per_step']} images of {e['image_size']}x{e['image_size']}{crop} per step "
+         f"({e['images_per_chip']:g} per chip); {e['source']}"]
+  if e["seconds"]:
+    share = (f"; step + encoder {r.step_time_s + e['seconds']:.3f} s, encoder share {r.encoder_share:.1%}"
+             if r.encoder_share is not None else "")
+    out.append(f"    encoder (compiler estimate): {e['seconds'] * 1e3:.1f} ms per step, "
+               f"{e['flops_per_step']:.4g} FLOPs per step{share}")
+  else:
+    out.append("    encoder: the compiler gave no time estimate for this target")
+  if e["temp_bytes"] is not None:
+    out.append(f"    encoder memory per chip (not in the HBM figure above): temporaries {_gib(e['temp_bytes'])}, "
+               f"parameters {_gib(e['param_bytes_per_chip'])} (replicated)")
+  return out
 
 
 def not_fit_message(r: PlanReport) -> str:

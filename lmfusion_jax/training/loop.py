@@ -21,6 +21,7 @@ from lmfusion_jax.checkpoints.files import write_json
 from lmfusion_jax import sharding
 from lmfusion_jax.training import distributed
 from lmfusion_jax.planning import flops as flops_lib
+from lmfusion_jax.training import online_encoding
 from lmfusion_jax.training import optimizer as optim
 from lmfusion_jax.training import step as ts
 from lmfusion_jax.data import batch as batch_lib
@@ -128,7 +129,11 @@ def _train_locked(cfg, configs, tokenizer, mesh, stop, lock) -> dict:
   from lmfusion_jax.training import setup, workdir as workdir_lib
   workdir = epath.Path(cfg.workdir)
   lcfg, fcfg, dcfg = configs
-  spec = ts.StepSpec(lcfg, fcfg, dcfg, optim.trainable_branches(cfg.optim), int(cfg.optim.accum_steps))
+  from lmfusion_jax.data.pipeline import encodes_online
+  enc, enc_params = online_encoding.load(cfg.data, mesh) if encodes_online(cfg.data) else (None, None)
+  if enc is not None and not cfg.data.builder_config:   # before anything is written; the batch is checked too
+    online_encoding.check_latent_shape(enc, int(cfg.data.image_size), fcfg, cfg.data.vae_dir)
+  spec = ts.StepSpec(lcfg, fcfg, dcfg, optim.trainable_branches(cfg.optim), int(cfg.optim.accum_steps), enc)
   tx = optim.make_optimizer(cfg.optim, cfg.total_steps)
   lr_fns = optim.schedules(cfg.optim, cfg.total_steps)
   data_iter, rows = make_data_iterator(cfg, tokenizer)
@@ -145,25 +150,31 @@ def _train_locked(cfg, configs, tokenizer, mesh, stop, lock) -> dict:
       dropped = workdir_lib.trim_metrics(workdir, restored or 0)
       if dropped:
         log(f"metrics.jsonl: dropped {dropped} line(s) of steps after {restored or 0} (logged, not checkpointed)")
-    return _run_steps(cfg, spec, tx, lr_fns, mesh, state, data_iter, rows, checkpointer, stop, lock)
+    return _run_steps(cfg, spec, tx, lr_fns, mesh, state, data_iter, rows, checkpointer, stop, lock,
+                      () if enc is None else (enc_params,))
   finally:
     checkpointer.close()
 
 
-def _run_steps(cfg, spec, tx, lr_fns, mesh, state, data_iter, rows, checkpointer, stop, lock) -> dict:
+def _run_steps(cfg, spec, tx, lr_fns, mesh, state, data_iter, rows, checkpointer, stop, lock,
+               frozen_args=()) -> dict:
+  """The steps; `frozen_args` are the step's arguments after (state, batch): the VAE encoder parameters when
+  encoding online."""
   lcfg, fcfg = spec.lcfg, spec.fcfg
   workdir = epath.Path(cfg.workdir)
   first_host = next(data_iter)
   batch_lib.check_batch(first_host, cfg.data.text_len, cfg.data.image_slots)
   want = (fcfg.latent_size, fcfg.latent_size, fcfg.latent_channels)
-  if cfg.data.image_slots and tuple(first_host["latents"].shape[2:]) != want:
+  if spec.online is not None:
+    online_encoding.check_latent_shape(spec.online, first_host["pixels"].shape[2], fcfg, cfg.data.vae_dir)
+  elif cfg.data.image_slots and tuple(first_host["latents"].shape[2:]) != want:
     raise ConfigError(f"data ({cfg.data.dataset} in {cfg.data.data_dir}) has latents of shape "
                       f"{tuple(first_host['latents'].shape[2:])}, the model expects {want} (fusion.latent_size, "
                       f"fusion.latent_channels{' from init_from' if cfg.model.get('preset') == 'init' else ''})")
   first = global_batch(first_host, mesh, rows)
   step_fn = ts.jit_train_step(spec, tx, mesh, first, lr_fns)
   with jax.set_mesh(mesh):
-    compiled = step_fn.lower(state, first).compile()
+    compiled = step_fn.lower(state, first, *frozen_args).compile()
   mem = compiled.memory_analysis()
   step_flops = flops_lib.train_step_flops(lcfg, fcfg, cfg.data.global_batch_size, cfg.data.text_len,
                                           cfg.data.image_slots, "text" in spec.trainable)["total"]
@@ -193,7 +204,7 @@ def _run_steps(cfg, spec, tx, lr_fns, mesh, state, data_iter, rows, checkpointer
     while step < cfg.total_steps:
       if batch is None:
         batch = global_batch(next(data_iter), mesh, rows)
-      state, metrics = compiled(state, batch)
+      state, metrics = compiled(state, batch, *frozen_args)
       batch = None
       step += 1
       steps_since += 1

@@ -23,7 +23,8 @@ from lmfusion_jax.models import sharded
 from lmfusion_jax.models.config import ConfigError
 
 # Config fields that hold a local path or URL; made absolute at the boundary (gs:// untouched).
-PATH_FIELDS = ("workdir", "init_from", "data.data_dir", "data.tokenizer_dir", "eval.vae_dir", "model.hf_config")
+PATH_FIELDS = ("workdir", "init_from", "data.data_dir", "data.tokenizer_dir", "data.vae_dir", "eval.vae_dir",
+               "model.hf_config")
 # The Llama fields that fix the parameter shapes (an init checkpoint must agree on all of them).
 LLAMA_ARCH = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "tie_embeddings")
 # The fusion fields that fix the image branch's structure.
@@ -103,6 +104,8 @@ def resolve_run_config(cfg, log: Callable[[str], None] = print):
     raise ConfigError("workdir is empty: set --config.workdir=DIR")
   absolutize_paths(cfg)
   validate_run_config(cfg)
+  from lmfusion_jax.training.online_encoding import check_config
+  check_config(cfg.data)
   if cfg.data.image_slots == 0:
     raise ConfigError("data.image_slots=0: LMFusion training documents each carry an image, so a run needs "
                       ">= 1 image slot per row (a text-only config such as configs/llama3_8b_text.py is for "

@@ -8,11 +8,14 @@ Train state (a plain dict, which is also what checkpoints hold):
              the noise and timesteps an uninterrupted run draws.
 Gradients are taken with respect to the trainable branches only: with eta_text = 0 no text weight gradient
 is ever computed and no optimizer state exists for the text weights.
+With `StepSpec.online` (data.encode="online") the step takes a third argument, the frozen VAE encoder
+parameters, and first turns the batch's "pixels" into "latents" (training.online_encoding); the rest of the
+step is the precomputed path's.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from lmfusion_jax import diffusion, sharding
 from lmfusion_jax.training import losses
+from lmfusion_jax.training import online_encoding
 from lmfusion_jax.data import batch as batch_lib
 from lmfusion_jax.models import sharded
 from lmfusion_jax.models.config import FusionConfig, LlamaConfig
@@ -33,6 +37,7 @@ class StepSpec:
   dcfg: diffusion.DiffusionConfig
   trainable: tuple            # ("image",) or ("text", "image")
   accum_steps: int = 1
+  online: Optional[online_encoding.OnlineEncoding] = None   # encode "pixels" in the step (data.encode)
 
 
 def split_params(params: dict, trainable: tuple):
@@ -63,9 +68,11 @@ def make_train_step(spec: StepSpec, tx: optax.GradientTransformation,
   loss_fn = make_loss_fn(spec)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-  def train_step(state: dict, batch: dict):
+  def train_step(state: dict, batch: dict, encoder_params: Optional[dict] = None):
     trainable, frozen = split_params(state["params"], spec.trainable)
     rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    if spec.online is not None:   # pixels [B, I, S, S, 3] -> latents [B, I, h, w, C]
+      batch = online_encoding.encode_batch(spec.online, encoder_params, batch, rng)
     if spec.accum_steps == 1:
       (_, metrics), grads = grad_fn(trainable, frozen, batch, rng)
     else:
@@ -152,10 +159,14 @@ def batch_shardings(mesh: Mesh, example_batch: dict) -> dict:
 
 
 def jit_train_step(spec: StepSpec, tx, mesh: Mesh, example_batch: dict, lr_fns=None):
-  """jax.jit of the step with explicit in/out shardings and the state donated."""
+  """jax.jit of the step with explicit in/out shardings and the state donated; with spec.online it is
+  step(state, batch, encoder_params), the encoder parameters replicated."""
   st_sh = state_shardings(spec, tx, mesh)
   b_sh = batch_shardings(mesh, example_batch)
-  return jax.jit(make_train_step(spec, tx, lr_fns), in_shardings=(st_sh, b_sh),
+  in_sh = (st_sh, b_sh)
+  if spec.online is not None:
+    in_sh += (online_encoding.encoder_shardings(spec.online, mesh),)
+  return jax.jit(make_train_step(spec, tx, lr_fns), in_shardings=in_sh,
                  out_shardings=(st_sh, NamedSharding(mesh, P())), donate_argnums=(0,))
 
 

@@ -17,7 +17,7 @@ Records (encode "vae": --vae-dir given; "pixels": no VAE; "none": --encode none)
   vae / pixels  {"caption", "latent": float32 [S/f, S/f, C] (pixels: [S, S, 3] in [-1, 1]), "id"}: build-data's
                 format, config "res{S}"
   none          {"caption", "image": PNG of the S x S 8-bit RGB image (uint8 [S, S, 3] when read), "id"},
-                config "png{S}", for encoding online later
+                config "png{S}": train on it with --config.data.encode=online (training.online_encoding)
 Test hook: with LMFUSION_PREPARE_DATA_KILL_AFTER=N in the environment the process SIGKILLs itself once N records
 have gone to a (temporary) shard file.
 """

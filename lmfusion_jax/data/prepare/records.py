@@ -71,8 +71,9 @@ def square_pixels(data: bytes, size: int) -> Tuple[Optional[np.ndarray], Optiona
 
 
 def to_model_range(pixels: np.ndarray) -> np.ndarray:
-  """uint8 -> float32 in [-1, 1], the expression build-data uses (bitwise the same values)."""
-  return np.asarray(pixels, np.float32) / 127.5 - 1.0
+  """uint8 -> float32 in [-1, 1] (`models.vae.to_model_range`, which the online encoding uses too)."""
+  from lmfusion_jax.models.vae import to_model_range as model_range
+  return model_range(np.asarray(pixels))
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:

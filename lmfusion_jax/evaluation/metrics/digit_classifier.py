@@ -4,10 +4,11 @@ Fitted on the REAL training images (scikit-learn's 8x8 digits, pixels 0..16 mapp
 upsampled), it tells which digit a generated image shows; `generation_accuracy` is the fraction of
 generated images classified as the digit their prompt asked for.
 
-Features: the image is area-averaged to 8x8 (any input size: each output pixel is the mean of the input
-area it covers, fractional pixels weighted), flattened to 64 values, standardized (per-pixel mean/std of
-the training set), then multinomial logistic regression (lbfgs: deterministic). Area averaging undoes
-nearest-neighbour upsampling exactly and bilinear upsampling approximately.
+Features: the image is area-averaged to 8x8 (`size`; any input size: each output pixel is the mean of the
+input area it covers, fractional pixels weighted), flattened to 64 values, standardized (per-pixel mean/std
+of the training set), then multinomial logistic regression (lbfgs: deterministic). Area averaging undoes
+nearest-neighbour upsampling exactly and bilinear upsampling approximately. `kind="svm"` (used for MNIST,
+`data.eval_sets.classifier_spec`): centred features and an RBF support vector machine (C=5, deterministic).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ FEATURE_SIZE = (8, 8)
 
 @dataclasses.dataclass(frozen=True)
 class DigitClassifier:
-  pipeline: Pipeline                  # StandardScaler -> LogisticRegression on 64 area-averaged pixels
+  pipeline: Pipeline                  # StandardScaler -> LogisticRegression (or SVC) on area-averaged pixels
   size: tuple[int, int] = FEATURE_SIZE
   classes: tuple[int, ...] = ()
 
@@ -78,15 +79,24 @@ def _as_labels(labels, n: int, name: str) -> np.ndarray:
   return y
 
 
-def fit_digit_classifier(images, labels, c: float = 1.0, max_iter: int = 2000) -> DigitClassifier:
-  """Fit on real images [N, H, W] or [N, H, W, 1] (float, any resolution) with integer labels [N]."""
-  x = _features(FEATURE_SIZE, images, "fit_digit_classifier images")
+def fit_digit_classifier(images, labels, c: float = 1.0, max_iter: int = 2000, size=FEATURE_SIZE,
+                         kind: str = "logistic") -> DigitClassifier:
+  """Fit on real images [N, H, W] or [N, H, W, 1] (float, any resolution) with integer labels [N]; features
+  area-averaged to `size` [h, w]; kind "logistic" (C=c) or "svm" (RBF, C=5)."""
+  size = tuple(int(v) for v in size)
+  x = _features(size, images, "fit_digit_classifier images")
   y = _as_labels(labels, len(x), "fit_digit_classifier labels")
   if len(np.unique(y)) < 2:
     raise ValueError("fit_digit_classifier labels: need at least two classes")
-  pipeline = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
+  if kind == "logistic":
+    pipeline = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=max_iter))
+  elif kind == "svm":
+    from sklearn.svm import SVC
+    pipeline = make_pipeline(StandardScaler(with_std=False), SVC(C=5.0, gamma="scale"))
+  else:
+    raise ValueError(f"fit_digit_classifier kind={kind!r}: expected 'logistic' or 'svm'")
   pipeline.fit(x, y)
-  return DigitClassifier(pipeline=pipeline, size=FEATURE_SIZE,
+  return DigitClassifier(pipeline=pipeline, size=size,
                          classes=tuple(int(k) for k in pipeline.classes_))
 
 
