@@ -47,6 +47,17 @@ def digits_data_dir(tmp_path_factory):
   return str(out)
 
 
+@pytest.fixture(scope="session")
+def tiny_vae(tmp_path_factory):
+  """(folder, module) of a tiny random Flax VAE saved as `convert-vae` writes it: 16 px -> [8, 8, 4] latents."""
+  from flax import nnx
+  from lmfusion_jax.checkpoints.vae import save_vae
+  from lmfusion_jax.models.vae import AutoencoderKL, VAEConfig
+  cfg = VAEConfig(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4)
+  vae = AutoencoderKL(cfg, rngs=nnx.Rngs(0))
+  return str(save_vae(vae, cfg, tmp_path_factory.mktemp("vae") / "vae")), vae
+
+
 def make_tiny_config(tokenizer_dir, data_dir, workdir):
   """configs/tiny.py pointed at a tokenizer/data dir and a workdir; short and quiet."""
   from lmfusion_jax.run_config import load_config

@@ -23,17 +23,7 @@ LOSS_RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def vae(tmp_path_factory):
-  from flax import nnx
-  from lmfusion_jax.checkpoints.vae import save_vae
-  from lmfusion_jax.models.vae import AutoencoderKL, VAEConfig
-  cfg = VAEConfig(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4)
-  module = AutoencoderKL(cfg, rngs=nnx.Rngs(0))
-  return str(save_vae(module, cfg, tmp_path_factory.mktemp("vae") / "vae")), module
-
-
-@pytest.fixture(scope="module")
-def datasets(tmp_path_factory, vae):
+def datasets(tmp_path_factory, tiny_vae):
   """One folder of images + captions prepared twice into one data dir: res16 (latents), png16 (images)."""
   from lmfusion_jax.data.prepare import prepare_data
   root = tmp_path_factory.mktemp("online")
@@ -47,7 +37,7 @@ def datasets(tmp_path_factory, vae):
     lines.append(json.dumps({"file": f"{k}.png", "caption": f"a picture number {k}"}))
   (src / "captions.jsonl").write_text("\n".join(lines) + "\n")
   out = root / "tfds"
-  a = prepare_data(str(src), "folder", str(out), SIZE, vae_dir=vae[0], batch_size=4)
+  a = prepare_data(str(src), "folder", str(out), SIZE, vae_dir=tiny_vae[0], batch_size=4)
   b = prepare_data(str(src), "folder", str(out), SIZE, encode="none", batch_size=4)
   assert a["written"] == b["written"] == N_IMAGES and (a["config_name"], b["config_name"]) == ("res16", "png16")
   return str(out)
@@ -69,7 +59,7 @@ def first_batch(cfg, tokenizer_dir):
   return next(make_train_iterator(cfg.data, load_tokenizer(tokenizer_dir), process_index=0, process_count=1))
 
 
-def test_same_images_same_loss_both_ways(datasets, vae, tokenizer_dir, tmp_path):
+def test_same_images_same_loss_both_ways(datasets, tiny_vae, tokenizer_dir, tmp_path):
   """The batches agree field for field (pixels -> latents aside); the step's online latents equal the
   precomputed ones, and one train step from the same state (same noise and timesteps: the step's rng) gives
   the same metrics and updated parameters, within the tolerances above."""
@@ -82,7 +72,7 @@ def test_same_images_same_loss_both_ways(datasets, vae, tokenizer_dir, tmp_path)
   from lmfusion_jax.data.tokenizer import load_tokenizer
   pre = tiny_cfg(tokenizer_dir, datasets, tmp_path / "a")
   onl = tiny_cfg(tokenizer_dir, datasets, tmp_path / "b", "--config.data.encode=online",
-                 f"--config.data.vae_dir={vae[0]}")
+                 f"--config.data.vae_dir={tiny_vae[0]}")
   hb_pre, hb_onl = first_batch(pre, tokenizer_dir), first_batch(onl, tokenizer_dir)
   assert hb_onl["pixels"].dtype == np.uint8 and hb_onl["pixels"].shape == (8, 2, SIZE, SIZE, 3)
   assert set(hb_pre) - {"latents"} == set(hb_onl) - {"pixels"}
@@ -123,13 +113,13 @@ def test_same_images_same_loss_both_ways(datasets, vae, tokenizer_dir, tmp_path)
         + f", updated image params max |diff| {param_diff:.3g}")
 
 
-def test_png_dataset_trains_online(datasets, vae, tokenizer_dir, tmp_path):
+def test_png_dataset_trains_online(datasets, tiny_vae, tokenizer_dir, tmp_path):
   """`train --config.data.encode=online` on the png dataset (8 devices: fsdp 4 x tensor 2), with flips."""
   from lmfusion_jax import cli
   code = cli.main(["train", "--config", str(REPO / "configs" / "tiny.py"), f"--config.workdir={tmp_path / 'run'}",
                    "--config.data.dataset=image_captions", f"--config.data.data_dir={datasets}",
                    f"--config.data.image_size={SIZE}", f"--config.data.tokenizer_dir={tokenizer_dir}",
-                   "--config.data.encode=online", f"--config.data.vae_dir={vae[0]}", "--config.data.random_flip=true",
+                   "--config.data.encode=online", f"--config.data.vae_dir={tiny_vae[0]}", "--config.data.random_flip=true",
                    "--config.fusion.latent_channels=4", "--config.fusion.image_io=linear", "--config.model.n_layers=1",
                    "--config.mesh.fsdp=4", "--config.mesh.tensor=2", "--config.total_steps=2",
                    "--config.log_every=1", "--config.save_every=2", "--config.tensorboard=false"])
@@ -138,10 +128,10 @@ def test_png_dataset_trains_online(datasets, vae, tokenizer_dir, tmp_path):
   assert [s["step"] for s in steps] == [1, 2] and all(np.isfinite(s["loss"]) for s in steps)
   ckpt = tmp_path / "run" / "checkpoints" / "2"
   assert ckpt.exists() and "encoder" not in json.dumps(sorted(p.name for p in ckpt.rglob("*")))
-  assert json.loads((tmp_path / "run" / "run_config.json").read_text())["config"]["data"]["vae_dir"] == vae[0]
+  assert json.loads((tmp_path / "run" / "run_config.json").read_text())["config"]["data"]["vae_dir"] == tiny_vae[0]
 
 
-def test_crop_and_flip(vae):
+def test_crop_and_flip(tiny_vae):
   """A crop is a window of the image, a flip its mirror; crops shrink the latents by the VAE's factor."""
   import jax.numpy as jnp
   from lmfusion_jax.training import online_encoding
@@ -160,24 +150,24 @@ def test_crop_and_flip(vae):
   from lmfusion_jax.training.online_encoding import OnlineEncoding, encode_pixels
   from flax import nnx
   from lmfusion_jax.models.vae import EncoderOnly
-  cfg, module = load_vae(vae[0])
+  cfg, module = load_vae(tiny_vae[0])
   params = nnx.to_pure_dict(nnx.state(EncoderOnly(module)))
   px = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 3, SIZE, SIZE, 3), dtype=np.uint8))
   z = encode_pixels(OnlineEncoding(cfg, crop_size=12), params, px, jnp.ones((2, 3), bool), jax.random.key(0))
   assert z.shape == (2, 3, 6, 6, 4)
 
 
-def test_config_errors(datasets, vae, tokenizer_dir, tmp_path):
+def test_config_errors(datasets, tiny_vae, tokenizer_dir, tmp_path):
   from lmfusion_jax.training.loop import train
   cases = [
       (["--config.data.encode=online"], "data.vae_dir is empty"),
       (["--config.data.encode=sometimes"], "data.encode='sometimes'"),
-      (["--config.data.encode=online", f"--config.data.vae_dir={vae[0]}", "--config.data.builder_config=res16"],
+      (["--config.data.encode=online", f"--config.data.vae_dir={tiny_vae[0]}", "--config.data.builder_config=res16"],
        "no 'image' field"),
       (["--config.data.builder_config=png16"], "--config.data.encode=online"),
-      (["--config.data.encode=online", f"--config.data.vae_dir={vae[0]}", "--config.fusion.latent_channels=1"],
+      (["--config.data.encode=online", f"--config.data.vae_dir={tiny_vae[0]}", "--config.fusion.latent_channels=1"],
        r"fusion.latent_size=8, fusion.latent_channels=1"),
-      (["--config.data.encode=online", f"--config.data.vae_dir={vae[0]}", "--config.data.crop_size=32"],
+      (["--config.data.encode=online", f"--config.data.vae_dir={tiny_vae[0]}", "--config.data.crop_size=32"],
        "data.crop_size=32 is larger"),
   ]
   for i, (overrides, words) in enumerate(cases):
@@ -185,12 +175,12 @@ def test_config_errors(datasets, vae, tokenizer_dir, tmp_path):
       train(tiny_cfg(tokenizer_dir, datasets, tmp_path / f"r{i}", *overrides))
 
 
-def test_plan_reports_the_encoder_share(vae):
+def test_plan_reports_the_encoder_share(tiny_vae):
   """`plan` with data.encode=online compiles the encoding stage for the mesh and reports its share."""
   from lmfusion_jax.planning import plan as plan_lib, report as report_lib
   from lmfusion_jax.run_config import apply_overrides, load_config
   cfg = apply_overrides(load_config("configs/tiny.py"), [
-      "--config.data.encode=online", f"--config.data.vae_dir={vae[0]}", f"--config.data.image_size={SIZE}",
+      "--config.data.encode=online", f"--config.data.vae_dir={tiny_vae[0]}", f"--config.data.image_size={SIZE}",
       "--config.fusion.latent_channels=4", "--config.fusion.image_io=linear", "--config.model.n_layers=1"])
   r = plan_lib.plan(cfg, "v5e-8")
   e = r.encoder
@@ -209,14 +199,14 @@ def test_pixel_mapping_in_the_step_is_numpys_bitwise():
   assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
 
 
-def test_eval_records_of_a_png_dataset_are_encoded_like_training(datasets, vae, tokenizer_dir, tmp_path):
+def test_eval_records_of_a_png_dataset_are_encoded_like_training(datasets, tiny_vae, tokenizer_dir, tmp_path):
   """`eval` on an online-encoded run reads the png records and encodes them with data.vae_dir: the latents of
   the precomputed dataset, within the tolerance above; without a VAE the error names the field."""
   from lmfusion_jax.evaluation.setup import read_records
   from lmfusion_jax.models.config import ConfigError
   pre = tiny_cfg(tokenizer_dir, datasets, tmp_path / "a")
   onl = tiny_cfg(tokenizer_dir, datasets, tmp_path / "b", "--config.data.encode=online",
-                 f"--config.data.vae_dir={vae[0]}")
+                 f"--config.data.vae_dir={tiny_vae[0]}")
   a, b = read_records(pre.data, "train"), read_records(onl.data, "train")
   assert [r["id"] for r in a] == [r["id"] for r in b] and [r["caption"] for r in a] == [r["caption"] for r in b]
   diff = max(float(np.abs(x["latent"] - y["latent"]).max()) for x, y in zip(a, b))

@@ -91,27 +91,17 @@ def records(data_dir, config="res16") -> dict:
 
 
 @pytest.fixture(scope="module")
-def vae_dir(tmp_path_factory):
-  from flax import nnx
-  from lmfusion_jax.checkpoints.vae import save_vae
-  from lmfusion_jax.models.vae import AutoencoderKL, VAEConfig
-  cfg = VAEConfig(block_out_channels=(8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4)
-  vae = AutoencoderKL(cfg, rngs=nnx.Rngs(0))
-  return str(save_vae(vae, cfg, tmp_path_factory.mktemp("vae") / "vae")), vae
-
-
-@pytest.fixture(scope="module")
-def wds(tmp_path_factory, vae_dir):
+def wds(tmp_path_factory, tiny_vae):
   """The webdataset source prepared once with the VAE: (source pattern, data dir, stdout)."""
   root = tmp_path_factory.mktemp("wds")
   source = make_webdataset(root / "shards")
   code, out = run_command("--source", source, "--format", "webdataset", "--out", root / "tfds",
-                          "--image-size", SIZE, "--vae-dir", vae_dir[0], "--batch-size", 4)
+                          "--image-size", SIZE, "--vae-dir", tiny_vae[0], "--batch-size", 4)
   assert code == 0, out
   return source, str(root / "tfds"), out
 
 
-def test_webdataset_counts_records_and_latents(wds, vae_dir):
+def test_webdataset_counts_records_and_latents(wds, tiny_vae):
   from lmfusion_jax.data import pipeline
   from lmfusion_jax.models.vae import encode_latents
   source, data_dir, out = wds
@@ -126,7 +116,7 @@ def test_webdataset_counts_records_and_latents(wds, vae_dir):
     if rid in got:
       image = sample.get("jpg", sample.get("png"))
       (folder / "x").write_bytes(image)
-      want = np.asarray(encode_latents(vae_dir[1], load_image(folder / "x", SIZE)[None]))[0]
+      want = np.asarray(encode_latents(tiny_vae[1], load_image(folder / "x", SIZE)[None]))[0]
       np.testing.assert_allclose(got[rid]["latent"], want, atol=1e-5, err_msg=rid)
   cfg = pipeline.default_data_config()
   cfg.update(dict(dataset="image_captions", data_dir=data_dir, image_size=SIZE))
@@ -139,7 +129,7 @@ def test_webdataset_counts_records_and_latents(wds, vae_dir):
   # run again: nothing to do, the same summary, nothing rewritten
   before = os.stat(pathlib.Path(info.data_dir) / "dataset_info.json").st_mtime_ns
   code, again = run_command("--source", source, "--format", "webdataset", "--out", data_dir, "--image-size",
-                            SIZE, "--vae-dir", vae_dir[0], "--batch-size", 4)
+                            SIZE, "--vae-dir", tiny_vae[0], "--batch-size", 4)
   assert code == 0 and summary(again) == summary(out)
   assert os.stat(pathlib.Path(info.data_dir) / "dataset_info.json").st_mtime_ns == before
 
@@ -212,13 +202,13 @@ def test_folder_pixels_are_build_datas(tmp_path):
     np.testing.assert_array_equal(r["latent"], load_image(src / name, SIZE))
 
 
-def test_kill_during_a_shard_then_restart(wds, vae_dir, tmp_path):
+def test_kill_during_a_shard_then_restart(wds, tiny_vae, tmp_path):
   """SIGKILLed while its second shard is half written; the restart keeps shard 0, rewrites shard 1: the
   records are those of the uninterrupted run, each once."""
   source, ref_dir, ref_out = wds
   out = tmp_path / "tfds"
   args = ["--source", source, "--format", "webdataset", "--out", out, "--image-size", SIZE,
-          "--vae-dir", vae_dir[0], "--batch-size", 4]
+          "--vae-dir", tiny_vae[0], "--batch-size", 4]
   env = dict(os.environ, **{KILL_ENV: "4", "PYTHONPATH": str(REPO)})
   proc = subprocess.run([sys.executable, "-m", "lmfusion_jax.commands.prepare_data", *map(str, args)], env=env,
                         capture_output=True, text=True, timeout=300)
@@ -272,14 +262,14 @@ def test_launch_script():
 
 
 @pytest.mark.slow
-def test_two_processes_write_what_one_does(wds, vae_dir, tmp_path):
+def test_two_processes_write_what_one_does(wds, tiny_vae, tmp_path):
   """2 processes x 8 devices (gloo) write the records, and bitwise the latents, that 1 process x 8 devices (this
   one, the `wds` fixture) wrote: the same --batch-size and devices per process give the same batches."""
   from test_train_multiprocess import spawn_processes
   source, ref_dir, ref_out = wds
   procs = spawn_processes(2, [sys.executable, "-m", "lmfusion_jax.commands.prepare_data", "--source", source,
                               "--format", "webdataset", "--out", str(tmp_path / "two"), "--image-size", str(SIZE),
-                              "--vae-dir", vae_dir[0], "--batch-size", "4"], devices_per_process=8)
+                              "--vae-dir", tiny_vae[0], "--batch-size", "4"], devices_per_process=8)
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert [p.returncode for p in procs] == [0, 0], outs
   assert summary(outs[0]) == summary(ref_out) == {"written": 7, "skipped": WDS_SKIPPED}
