@@ -40,12 +40,6 @@ BENCHMARKS = {
                      "python benchmarks/prepare_data_cost.py", True),
     "ablations": ("Ablations at small scale (the paper's Table 4 claims, digits data)",
                   "python benchmarks/ablations.py", True),
-    "ablations_mnist_small": ("Ablations on real MNIST, stand-in text LM 2 layers x 64 (copy-init, Transfusion)",
-                              "python benchmarks/ablations.py --config configs/demo_mnist.py:tok64 "
-                              "--variants lmfusion,random_init,transfusion --lm-size small", True),
-    "ablations_mnist_large": ("Ablations on real MNIST, stand-in text LM 8 layers x 256 (copy-init, Transfusion)",
-                              "python benchmarks/ablations.py --config configs/demo_mnist.py:tok64 "
-                              "--variants lmfusion,random_init,transfusion --lm-size large", True),
     "plan": ("TPU plan: Llama-3-8B LMFusion vs dense baseline (AOT compile, libtpu cost model)",
              "python benchmarks/plan_table.py", True),
 }
