@@ -81,11 +81,23 @@ def to_latent(image: np.ndarray, image_size: int) -> np.ndarray:
   return x[:, :, None]
 
 
-class DigitsConfig(tfds.core.BuilderConfig):
+class SizeConfig(tfds.core.BuilderConfig):
+  """Builder config "size{S}": S x S x 1 pixel latents (this builder's and tfds_mnist's)."""
+
   def __init__(self, *, image_size: int, **kwargs):
     super().__init__(name=f"size{image_size}", description=f"latents {image_size}x{image_size}x1",
                      **kwargs)
     self.image_size = image_size
+
+
+def labelled_features(image_size: int):
+  """{caption, latent float32 [S, S, 1], label (10 classes), id}: the records of the labelled digit datasets."""
+  return tfds.features.FeaturesDict({
+      "caption": tfds.features.Text(),
+      "latent": tfds.features.Tensor(shape=(image_size, image_size, 1), dtype=np.float32),
+      "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+      "id": tfds.features.Text(),
+  })
 
 
 class LmfusionDigits(tfds.core.GeneratorBasedBuilder):
@@ -93,21 +105,11 @@ class LmfusionDigits(tfds.core.GeneratorBasedBuilder):
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-  BUILDER_CONFIGS = [DigitsConfig(image_size=s) for s in IMAGE_SIZES]
+  BUILDER_CONFIGS = [SizeConfig(image_size=s) for s in IMAGE_SIZES]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    s = self.builder_config.image_size
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "caption": tfds.features.Text(),
-            "latent": tfds.features.Tensor(shape=(s, s, 1), dtype=np.float32),
-            "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-            "id": tfds.features.Text(),
-        }),
-        supervised_keys=None,
-    )
+    return tfds.core.DatasetInfo(builder=self, description=__doc__,
+                                 features=labelled_features(self.builder_config.image_size), supervised_keys=None)
 
   def _split_generators(self, dl_manager):
     from sklearn.datasets import load_digits

