@@ -59,13 +59,14 @@ def all_captions() -> list:
   return [t.format(word=WORDS[d], num=d) for d in range(NUM_CLASSES) for t in TEMPLATES]
 
 
-def split_indices(labels: np.ndarray) -> tuple:
-  """(train, test) sklearn indices, both sorted; test holds TEST_PER_CLASS of each class."""
+def split_indices(labels: np.ndarray, test_per_class: int = TEST_PER_CLASS) -> tuple:
+  """(train, test) record indices, both sorted; test holds `test_per_class` of each class (the first of a PCG64
+  permutation of its members, seed SPLIT_SEED, drawn class after class)."""
   rng = np.random.default_rng(SPLIT_SEED)
   test = []
   for c in range(NUM_CLASSES):
     members = np.nonzero(labels == c)[0]
-    test.extend(rng.permutation(members)[:TEST_PER_CLASS].tolist())
+    test.extend(rng.permutation(members)[:test_per_class].tolist())
   test = np.sort(np.asarray(test, np.int64))
   train = np.setdiff1d(np.arange(len(labels)), test)
   return train, test

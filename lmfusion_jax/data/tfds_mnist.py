@@ -22,11 +22,11 @@ import os
 import numpy as np
 import tensorflow_datasets as tfds
 
+from lmfusion_jax.data import tfds_digits
 from lmfusion_jax.data.tfds_digits import NUM_CLASSES, SizeConfig, caption_for, labelled_features
 from lmfusion_jax.errors import UserError
 
 TEST_PER_CLASS = 50
-SPLIT_SEED = 0
 IMAGE_SIZES = (28, 32)
 RAW_SIZE = 28
 NUM_RECORDS = 5000
@@ -66,15 +66,8 @@ def load_mnist_csv(path: str | None = None) -> tuple:
 
 
 def split_indices(labels: np.ndarray) -> tuple:
-  """(train, test) line indices, both sorted; test holds TEST_PER_CLASS of each class."""
-  rng = np.random.default_rng(SPLIT_SEED)
-  test = []
-  for c in range(NUM_CLASSES):
-    members = np.nonzero(labels == c)[0]
-    test.extend(rng.permutation(members)[:TEST_PER_CLASS].tolist())
-  test = np.sort(np.asarray(test, np.int64))
-  train = np.setdiff1d(np.arange(len(labels)), test)
-  return train, test
+  """(train, test) line indices, both sorted; test holds TEST_PER_CLASS of each class (the digits' rule)."""
+  return tfds_digits.split_indices(labels, TEST_PER_CLASS)
 
 
 def to_latent(image: np.ndarray, image_size: int) -> np.ndarray:
