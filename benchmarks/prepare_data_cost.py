@@ -3,7 +3,7 @@ paper's setting (sd-vae-ft-mse shape, 256x256 -> 32x32x4) estimated on a v5p chi
 images on v5p-128 (64 chips) for the precompute path (prepare-data --vae-dir) and the online path
 (--config.data.encode=online: the same encoder inside every train step).
 
-  python benchmarks/prepare_data_cost.py [--images 192] [--batch-per-chip 64] [--skip-tpu]
+  python benchmarks/prepare_data_cost.py [--images 384] [--batch-per-chip 64] [--skip-tpu]
 
 (a) CPU, measured: a webdataset source of `--images` JPEGs (320x240, smooth random content, 4 shards) through
     `prepare_data` (decode, center crop, bicubic resize to 256, then PNG bytes / a tiny random VAE), one process;
@@ -81,7 +81,7 @@ def tpu_rows(batch: int) -> list:
 
 def main(argv=None) -> None:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--images", type=int, default=192)
+  ap.add_argument("--images", type=int, default=384)
   ap.add_argument("--batch-per-chip", type=int, default=64)
   ap.add_argument("--skip-tpu", action="store_true")
   a = ap.parse_args(argv)
