@@ -76,9 +76,10 @@ def lower_encoder(cfg: VAEConfig, devices: Sequence, image_size: int, batch_per_
   import jax.numpy as jnp
   from flax import nnx
   from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-  from lmfusion_jax.models.vae import AutoencoderKL, EncoderOnly, encode_latents
+  from lmfusion_jax.models.vae import encode_latents
+  from lmfusion_jax.training.online_encoding import graphdef_and_abstract
   mesh = Mesh(np.asarray(devices), ("data",))
-  graphdef, state = nnx.split(nnx.eval_shape(lambda: EncoderOnly(AutoencoderKL(cfg, rngs=nnx.Rngs(0)))))
+  graphdef, state = graphdef_and_abstract(cfg)       # the encoder half, as the train step's online encoding
   replicated = NamedSharding(mesh, P())
   state = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated), state)
   images = jax.ShapeDtypeStruct((batch_per_device * len(devices), image_size, image_size, cfg.in_channels),
