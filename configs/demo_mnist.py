@@ -39,6 +39,10 @@ def get_config(arg: str = ""):
     c.fusion.unet_channels = (16, 32, 64)
     c.data.tokens_per_image = 64
     c.data.caption_first_prob = 0.5
+  elif arg == "noskip":                     # the U-Net's upsampler reads only the transformer's output tokens
+    c.fusion.unet_skips = False
+  elif arg == "split_t":                    # caption-first images at t >= 500, image-first at t <= 500
+    c.diffusion.caption_first_min_t = 500
   elif arg == "ci":
     c.total_steps = 20
     c.log_every = 10
@@ -53,5 +57,5 @@ def get_config(arg: str = ""):
     c.eval.samples_per_class = 1
     c.eval.batch_size = 10
   elif arg:
-    raise ValueError(f"configs/demo_mnist.py: unknown variant {arg!r} (have '', 'tok64' and 'ci')")
+    raise ValueError(f"configs/demo_mnist.py: unknown variant {arg!r} (have '', 'tok64', 'noskip', 'split_t' and 'ci')")
   return c

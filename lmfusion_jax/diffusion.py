@@ -7,7 +7,7 @@ Pure JAX functions; no model code. A model enters the samplers as a callable
 that predicts the noise added to a clean sample (DDPM epsilon prediction). Timesteps are indices into the
 training schedule, 0 <= t < num_timesteps (t = 0 is the least noisy level, abar_0 < 1).
 
-Training (per image): t ~ U{0..T-1} (U{0..image_first_max_t} for image-first examples),
+Training (per image): t ~ U{caption_first_min_t..T-1} (U{0..image_first_max_t} for image-first examples),
 x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, loss = mean over H, W, C of (eps_pred - eps)^2, averaged over
 the valid images of the batch.
 
@@ -45,6 +45,7 @@ class DiffusionConfig:
   linear_beta_end: float = 0.02
   loss_weight: float = 5.0          # lambda in  loss = LM + lambda * diffusion
   image_first_max_t: Optional[int] = 500  # t <= this for image-first (understanding) examples; None = no cap
+  caption_first_min_t: int = 0      # t >= this for caption-first (generation) examples (0: the paper's U{0..T-1})
   prediction: str = "epsilon"
 
   def __post_init__(self):
@@ -58,6 +59,10 @@ class DiffusionConfig:
       raise UserError(f"diffusion.max_beta={self.max_beta}: must be in (0, 1)")
     if self.image_first_max_t is not None and not 0 <= self.image_first_max_t < self.num_timesteps:
       raise UserError(f"diffusion.image_first_max_t={self.image_first_max_t}: must be None or in "
+                       f"[0, num_timesteps={self.num_timesteps})")
+    if isinstance(self.caption_first_min_t, bool) or not isinstance(self.caption_first_min_t, int) or not (
+        0 <= self.caption_first_min_t < self.num_timesteps):
+      raise UserError(f"diffusion.caption_first_min_t={self.caption_first_min_t!r}: must be an integer in "
                        f"[0, num_timesteps={self.num_timesteps})")
 
 
@@ -107,14 +112,16 @@ def make_schedule(cfg: DiffusionConfig) -> Schedule:
 def sample_timesteps(rng: jax.Array, capped: jax.Array, cfg: DiffusionConfig) -> jax.Array:
   """One uniform integer timestep per element of `capped` (e.g. bool [B, I] = batch["image_first"]).
 
-  t ~ U{0, ..., num_timesteps - 1}; where `capped` is True and cfg.image_first_max_t is set,
-  t ~ U{0, ..., image_first_max_t} instead. Returns int32 with the shape of `capped`.
+  t ~ U{caption_first_min_t, ..., num_timesteps - 1}; where `capped` is True and cfg.image_first_max_t is
+  set, t ~ U{0, ..., image_first_max_t} instead (image-first elements always start at 0). Returns int32 with the
+  shape of `capped`.
   """
   capped = jnp.asarray(capped, jnp.bool_)
   high = jnp.full(capped.shape, cfg.num_timesteps, jnp.int32)
+  low = jnp.where(capped, jnp.int32(0), jnp.int32(cfg.caption_first_min_t))
   if cfg.image_first_max_t is not None:
     high = jnp.where(capped, jnp.int32(cfg.image_first_max_t + 1), high)
-  return jax.random.randint(rng, capped.shape, 0, high, dtype=jnp.int32)
+  return jax.random.randint(rng, capped.shape, low, high, dtype=jnp.int32)
 
 
 def _per_leading(coef: jax.Array, t: jax.Array, x: jax.Array, name: str) -> jax.Array:

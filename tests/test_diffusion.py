@@ -11,6 +11,7 @@ import scipy.stats
 import torch
 
 from lmfusion_jax import diffusion as dif
+from lmfusion_jax.errors import UserError
 
 T = 1000
 
@@ -125,6 +126,17 @@ def test_sample_timesteps_uniform_and_capped_only_where_capped():
 
   no_cap = np.asarray(dif.sample_timesteps(jax.random.key(4), capped, dif.DiffusionConfig(image_first_max_t=None)))
   assert no_cap[np.asarray(capped)].max() == 999 and chi2_ok(no_cap[np.asarray(capped)], 1000)
+
+  # caption_first_min_t: generation examples U{min..T-1}, image-first ones keep U{0..cap} (or U{0..T-1})
+  for cap in (500, None):
+    split = np.asarray(dif.sample_timesteps(jax.random.key(5), capped,
+                                            dif.DiffusionConfig(caption_first_min_t=600, image_first_max_t=cap)))
+    gen, und = split[~np.asarray(capped)], split[np.asarray(capped)]
+    assert gen.min() == 600 and gen.max() == 999 and chi2_ok(gen - 600, 400)
+    assert und.min() == 0 and und.max() == (999 if cap is None else cap)
+  for bad in (-1, 1000, 2.5, True):
+    with pytest.raises(UserError, match="caption_first_min_t"):
+      dif.DiffusionConfig(caption_first_min_t=bad)
 
 
 def test_diffusion_loss_per_image_average_and_empty():

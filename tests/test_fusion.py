@@ -307,3 +307,27 @@ def test_routed_forward_flops_match_analytic_count():
       2 * (lc.dim * lc.head_dim * (2 * lc.n_heads + 2 * lc.n_kv_heads) + 3 * lc.dim * lc.ffn_dim))
   assert abs(cost["flops"] - analytic) / analytic < 0.10, (cost["flops"], analytic)
   assert cost["flops"] < 0.75 * both_branches
+
+
+@pytest.mark.parametrize("skips", [True, False])
+def test_unet_without_skips_reads_only_the_transformer_tokens(skips):
+  """fusion.unet_skips=False: the upsampler's prediction is a function of the transformer's tokens (and t)
+  alone, so replacing the downsampler's per-level features changes nothing; with skips it changes the output."""
+  from lmfusion_jax.models.image_io import UNetIO
+  fc = fcfg(image_io="unet", latent_size=8, patch_size=2, unet_channels=(8, 16), unet_blocks=1, unet_groups=4,
+            unet_skips=skips)
+  io = randomize(UNetIO(LCFG, fc, rngs=nnx.Rngs(0)))
+  lat = jax.random.normal(jax.random.key(1), (2, 8, 8, 2))
+  tokens, feats, temb = io.encode(lat, jnp.array([10, 900]), jnp.float32)       # tokens [2, 16, 32]
+  other = [jax.random.normal(jax.random.key(7 + i), f.shape) for i, f in enumerate(feats)]
+  eps = io.decode(tokens, feats, temb)                                           # [2, 8, 8, 2]
+  eps_other = io.decode(tokens, other, temb)
+  assert eps.shape == lat.shape
+  assert np.isfinite(np.asarray(eps)).all()
+  changed = float(jnp.max(jnp.abs(eps - eps_other)))
+  if skips:
+    assert changed > 1e-3
+  else:
+    assert changed == 0.0
+    n_in = io.up[0][0].conv1.kernel[...].shape[-2]       # the first up block takes the tokens' width only
+    assert n_in == fc.unet_channels[-1]

@@ -310,6 +310,8 @@ class FusionConfig:
   unet_channels: tuple = (128, 256)  # per-resolution widths of the U-Net (len = downsamples + 1 unused)
   unet_blocks: int = 2              # ResBlocks per resolution
   unet_groups: int = 32             # GroupNorm groups (clipped to the channel count)
+  unet_skips: bool = True           # the upsampler also reads the downsampler's per-level features (U-Net
+                                    # skips); False: every bit of the noise prediction passes the transformer
   time_embed_dim: int = 256
   boi_id: int = 128002
   eoi_id: int = 128003
@@ -324,6 +326,8 @@ class FusionConfig:
       raise ConfigError(f"fusion.unet_channels={self.unet_channels!r}: expected a non-empty list of integers")
     for i, c in enumerate(self.unet_channels):
       check_int(f"fusion.unet_channels[{i}]", c, minimum=1)
+    if not isinstance(self.unet_skips, bool):
+      raise ConfigError(f"fusion.unet_skips={self.unet_skips!r}: expected true or false")
     check_int("fusion.boi_id", self.boi_id)
     check_int("fusion.eoi_id", self.eoi_id)
     if self.latent_size % self.patch_size:

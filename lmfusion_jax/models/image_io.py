@@ -4,7 +4,9 @@ Two choices (FusionConfig.image_io):
   unet:   a small U-Net downsampler (ResBlocks with an added timestep embedding, GroupNorm, one 2x
           downsample per extra level) maps latents [n, H, W, C] to tokens [n, (H/p)*(W/p), embed] and keeps
           its per-level features; the upsampler takes the transformer's output tokens plus those skip
-          features and predicts the noise eps [n, H, W, C]. (LMFusion / Transfusion.)
+          features and predicts the noise eps [n, H, W, C]. (LMFusion / Transfusion.) With
+          fusion.unet_skips=False the upsampler reads only the transformer's tokens: it cannot denoise
+          around the transformer, so the caption has to matter for the prediction to improve.
   linear: linear patchify (p x p patches -> embed) plus a timestep embedding added to every patch, and a
           linear unpatchify. (Transfusion's cheaper variant.)
 Tokens are in row-major patch order. Everything runs in the model's compute dtype; GroupNorm in fp32.
@@ -61,6 +63,7 @@ class UNetIO(nnx.Module):
   def __init__(self, lcfg: LlamaConfig, fcfg: FusionConfig, *, rngs: nnx.Rngs):
     dtype = lcfg.jnp_param_dtype
     ch, nb, g, td = fcfg.unet_channels, fcfg.unet_blocks, fcfg.unet_groups, fcfg.time_embed_dim
+    self.use_skips = fcfg.unet_skips
     self.time_embed = TimeEmbedding(td, dtype, rngs=rngs)
     self.conv_in = Conv(fcfg.latent_channels, ch[0], dtype, rngs=rngs)
     down, downsample = [], []
@@ -83,7 +86,7 @@ class UNetIO(nnx.Module):
       width = ch[lvl]
       blocks = []
       for j in range(nb):
-        blocks.append(ResBlock(c + (width if j == 0 else 0), width, td, g, dtype, rngs=rngs))
+        blocks.append(ResBlock(c + (width if j == 0 and self.use_skips else 0), width, td, g, dtype, rngs=rngs))
         c = width
       up.append(nnx.List(blocks))
       if lvl > 0:
@@ -116,7 +119,8 @@ class UNetIO(nnx.Module):
     x = self.from_tokens(hidden).reshape(n, side, side, -1)
     for i, blocks in enumerate(self.up):
       lvl = len(self.up) - 1 - i
-      x = jnp.concatenate([x, skips[lvl].astype(x.dtype)], axis=-1)
+      if self.use_skips:
+        x = jnp.concatenate([x, skips[lvl].astype(x.dtype)], axis=-1)
       for blk in blocks:
         x = blk(x, temb)
       if i < len(self.upsample):

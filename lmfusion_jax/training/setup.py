@@ -29,7 +29,7 @@ PATH_FIELDS = ("workdir", "init_from", "data.data_dir", "data.tokenizer_dir", "d
 LLAMA_ARCH = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "tie_embeddings")
 # The fusion fields that fix the image branch's structure.
 FUSION_ARCH = ("separation", "image_io", "latent_size", "latent_channels", "patch_size", "unet_channels",
-               "unet_blocks", "unet_groups", "time_embed_dim")
+               "unet_blocks", "unet_groups", "unet_skips", "time_embed_dim")
 # model.preset = "init": the architecture comes from init_from's lmfusion.json; these run knobs stay.
 RUN_KNOBS = ("param_dtype", "dtype", "scan_layers", "remat_policy", "attention_impl", "max_seq_len")
 
