@@ -43,6 +43,8 @@ def get_config(arg: str = ""):
     c.fusion.unet_skips = False
   elif arg == "split_t":                    # caption-first images at t >= 500, image-first at t <= 500
     c.diffusion.caption_first_min_t = 500
+  elif arg == "shift4":                     # the cosine schedule's SNR / 16: 4x the side of the 8x8 digits
+    c.diffusion.snr_shift = 4.0
   elif arg == "ci":
     c.total_steps = 20
     c.log_every = 10
@@ -57,5 +59,5 @@ def get_config(arg: str = ""):
     c.eval.samples_per_class = 1
     c.eval.batch_size = 10
   elif arg:
-    raise ValueError(f"configs/demo_mnist.py: unknown variant {arg!r} (have '', 'tok64', 'noskip', 'split_t' and 'ci')")
+    raise ValueError(f"configs/demo_mnist.py: unknown variant {arg!r} (have '', 'tok64', 'noskip', 'split_t', 'shift4' and 'ci')")
   return c

@@ -46,6 +46,8 @@ class DiffusionConfig:
   loss_weight: float = 5.0          # lambda in  loss = LM + lambda * diffusion
   image_first_max_t: Optional[int] = 500  # t <= this for image-first (understanding) examples; None = no cap
   caption_first_min_t: int = 0      # t >= this for caption-first (generation) examples (0: the paper's U{0..T-1})
+  snr_shift: float = 1.0            # SNR_t / snr_shift**2 (Hoogeboom et al. 2023, "simple diffusion": a schedule
+                                    # for d x d images shifted by d / d_base); 1 = the schedule as is
   prediction: str = "epsilon"
 
   def __post_init__(self):
@@ -60,6 +62,9 @@ class DiffusionConfig:
     if self.image_first_max_t is not None and not 0 <= self.image_first_max_t < self.num_timesteps:
       raise UserError(f"diffusion.image_first_max_t={self.image_first_max_t}: must be None or in "
                        f"[0, num_timesteps={self.num_timesteps})")
+    if isinstance(self.snr_shift, bool) or not isinstance(self.snr_shift, (int, float)) or not (
+        math.isfinite(self.snr_shift) and self.snr_shift > 0):
+      raise UserError(f"diffusion.snr_shift={self.snr_shift!r}: must be a number > 0")
     if isinstance(self.caption_first_min_t, bool) or not isinstance(self.caption_first_min_t, int) or not (
         0 <= self.caption_first_min_t < self.num_timesteps):
       raise UserError(f"diffusion.caption_first_min_t={self.caption_first_min_t!r}: must be an integer in "
@@ -101,6 +106,11 @@ def make_schedule(cfg: DiffusionConfig) -> Schedule:
     betas = linear_betas(cfg.num_timesteps, cfg.linear_beta_start, cfg.linear_beta_end)
   alphas = 1.0 - betas
   abar = np.cumprod(alphas)
+  if cfg.snr_shift != 1.0:   # abar / (1 - abar) = SNR -> SNR / shift^2; betas follow from the new abar
+    snr = abar / (1.0 - abar) / float(cfg.snr_shift) ** 2
+    abar = snr / (1.0 + snr)
+    alphas = abar / np.concatenate([[1.0], abar[:-1]])
+    betas = 1.0 - alphas
   f32 = lambda a: jnp.asarray(a, jnp.float32)
   return Schedule(betas=f32(betas), alphas=f32(alphas), alphas_cumprod=f32(abar),
                   sqrt_alphas_cumprod=f32(np.sqrt(abar)), sqrt_one_minus_alphas_cumprod=f32(np.sqrt(1.0 - abar)))

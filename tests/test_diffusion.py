@@ -358,3 +358,25 @@ def test_bad_sampling_steps_are_rejected():
     dif.ddpm_sample(point_eps_fn(0.0), sched, jax.random.key(0), (1, 1), timesteps=[0, 500, 400])
   with pytest.raises(ValueError, match="strictly increasing"):
     dif.ddim_sample(point_eps_fn(0.0), sched, jax.random.key(0), (1, 1), timesteps=[0, 1000])
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_snr_shift_divides_the_signal_to_noise_ratio(schedule):
+  """snr_shift = s: SNR'_t = SNR_t / s^2 at every t (numpy float64 from the unshifted betas), the betas and
+  alphas are those of the new abar, and s = 1 leaves the schedule bit for bit."""
+  base = dif.make_schedule(dif.DiffusionConfig(schedule=schedule))
+  assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+             zip(base, dif.make_schedule(dif.DiffusionConfig(schedule=schedule, snr_shift=1.0))))
+  betas = (dif.cosine_betas(1000) if schedule == "cosine" else dif.linear_betas(1000))
+  abar = np.cumprod(1.0 - betas)
+  for s in (0.5, 4.0):
+    sh = dif.make_schedule(dif.DiffusionConfig(schedule=schedule, snr_shift=s))
+    got = np.asarray(sh.alphas_cumprod, np.float64)
+    want = (abar / (1 - abar) / s ** 2) / (1 + abar / (1 - abar) / s ** 2)
+    np.testing.assert_allclose(got, want, rtol=2e-6)
+    np.testing.assert_allclose(np.cumprod(np.asarray(sh.alphas, np.float64)), want, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(sh.betas), 1 - np.asarray(sh.alphas), atol=1e-7)
+    assert np.all(np.diff(got) < 0)
+  for bad in (0, -1.0, float("nan"), "2"):
+    with pytest.raises(UserError, match="snr_shift"):
+      dif.DiffusionConfig(snr_shift=bad)
