@@ -28,7 +28,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import jax
 import numpy as np
 from etils import epath
-from jax.sharding import Mesh, SingleDeviceSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 import orbax.checkpoint as ocp_v0
 from orbax.checkpoint import multihost
 import orbax.checkpoint.experimental.v1 as ocp
@@ -70,9 +70,11 @@ TMP_SUFFIX = ".lmfusion-tmp"
 
 
 # --- Config -----------------------------------------------------------------------------------------------
-def _config_json(llama_cfg: LlamaConfig, fusion_cfg: Optional[FusionConfig]) -> str:
+def _config_json(llama_cfg: LlamaConfig, fusion_cfg: Optional[FusionConfig], extra: Optional[dict] = None) -> str:
+  """lmfusion.json; `extra` adds entries (a LLaVA checkpoint's "llava", checkpoints/llava.py)."""
   return json.dumps({"format": FORMAT_VERSION, "llama": dataclasses.asdict(llama_cfg),
-                     "fusion": dataclasses.asdict(fusion_cfg) if fusion_cfg is not None else None}, indent=2)
+                     "fusion": dataclasses.asdict(fusion_cfg) if fusion_cfg is not None else None,
+                     **(extra or {})}, indent=2)
 
 
 def read_model_config(path) -> Tuple[LlamaConfig, Optional[FusionConfig]]:
@@ -146,9 +148,12 @@ class ParamsWriter:
 
   def __init__(self, path, llama_cfg: LlamaConfig, fusion_cfg: Optional[FusionConfig] = None,
                overwrite: bool = False, chunk_bytes: Optional[int] = 64 * 2**20,
-               progress_desc: Optional[str] = None, tokenizer_dir=None):
+               progress_desc: Optional[str] = None, tokenizer_dir=None, extra_config: Optional[dict] = None,
+               extra_files: Optional[Dict[str, bytes]] = None):
     self.path = _path(path)
     self.tokenizer_dir = tokenizer_dir   # given: its tokenizer files are stored under CKPT/tokenizer
+    self.extra_config = extra_config     # more lmfusion.json entries
+    self.extra_files = extra_files or {}  # relative path -> bytes, written into the checkpoint before the commit
     self.progress_desc = progress_desc  # given: report the LazyArray chunks written (MiB, MiB/s, ETA)
     # Stored chunks of <= chunk_bytes: a host restoring onto a sharded mesh reads only the chunks it needs,
     # and a LazyArray is converted one chunk at a time (None: one chunk per array, the whole leaf at once).
@@ -239,7 +244,10 @@ class ParamsWriter:
       self._fill_lazy()
       if self.tokenizer_dir:
         copy_tokenizer_files(self.tokenizer_dir, self._dir / TOKENIZER_DIR)
-      _commit(self._dir, self.path, self.llama_cfg, self.fusion_cfg, self.overwrite)
+      for rel, data in self.extra_files.items():
+        (self._dir / rel).parent.mkdir(parents=True, exist_ok=True)
+        (self._dir / rel).write_bytes(data)
+      _commit(self._dir, self.path, self.llama_cfg, self.fusion_cfg, self.overwrite, self.extra_config)
     except BaseException:
       _remove(self._dir)
       raise
@@ -286,9 +294,10 @@ def _remove(p: Optional[epath.Path]) -> None:
     p.rmtree()
 
 
-def _commit(work: epath.Path, path: epath.Path, llama_cfg, fusion_cfg, overwrite: bool) -> None:
+def _commit(work: epath.Path, path: epath.Path, llama_cfg, fusion_cfg, overwrite: bool,
+            extra: Optional[dict] = None) -> None:
   """Writes lmfusion.json (last: it marks the checkpoint complete) and moves `work` to `path`."""
-  write_text((path if work == path else work) / CONFIG_FILE, _config_json(llama_cfg, fusion_cfg))
+  write_text((path if work == path else work) / CONFIG_FILE, _config_json(llama_cfg, fusion_cfg, extra))
   if work == path:  # remote: written in place
     return
   if path.exists() and overwrite:
@@ -367,7 +376,8 @@ def stored_metadata(path) -> dict:
 
 def load_params(path, mesh: Optional[Mesh] = None, shardings: Optional[dict] = None,
                 subtree: Optional[str] = None, dtype: Optional[str] = None):
-  """Restores a params checkpoint (or the part named by `subtree`, e.g. "text" or "text/layers/q").
+  """Restores a params checkpoint (or the part named by `subtree`, e.g. "text" or "text/layers/q"; with
+  `shardings` for text / image only, a LLaVA checkpoint's vision part is left on disk).
 
   Shardings: `shardings` (a pytree matching the restored part) if given; else derived on `mesh` from the
   model's logical axis names; else everything on the first local device. `dtype` casts on restore.
@@ -376,7 +386,12 @@ def load_params(path, mesh: Optional[Mesh] = None, shardings: Optional[dict] = N
   p = _path(path)
   llama_cfg, fusion_cfg = read_model_config(p)
   on_disk = _select(stored_metadata(p), subtree, f"{p / PARAMS_DIR}")
-  expected = _select(sharded.abstract_params(llama_cfg, fusion_cfg), subtree, "the model described by lmfusion.json")
+  extra_parts = _extra_parts(p)
+  expected = _select({**sharded.abstract_params(llama_cfg, fusion_cfg), **extra_parts}, subtree,
+                     "the model described by lmfusion.json")
+  if not subtree and shardings is not None and extra_parts:   # the parts `shardings` names (text / image of a
+    on_disk = {k: v for k, v in on_disk.items() if k in shardings}   # LLaVA checkpoint, without its vision)
+    expected = {k: v for k, v in expected.items() if k in shardings}
   disk_flat, exp_flat = _flat(on_disk), _flat(expected)
   missing = sorted(set(exp_flat) - set(disk_flat))
   unexpected = sorted(set(disk_flat) - set(exp_flat))
@@ -390,8 +405,10 @@ def load_params(path, mesh: Optional[Mesh] = None, shardings: Optional[dict] = N
   if dtype is not None and dtype not in DTYPES:
     raise CheckpointError(f"dtype={dtype!r}: expected one of {sorted(DTYPES)}")
   if shardings is None:
-    if mesh is not None:
-      shardings = _select(sharded.model_shardings(llama_cfg, fusion_cfg, mesh), subtree, "shardings")
+    if mesh is not None:   # the extra parts (a LLaVA vision side: frozen, small) are replicated
+      replicated = NamedSharding(mesh, PartitionSpec())
+      shardings = _select({**sharded.model_shardings(llama_cfg, fusion_cfg, mesh),
+                           **jax.tree.map(lambda _: replicated, extra_parts)}, subtree, "shardings")
     else:
       device = SingleDeviceSharding(jax.local_devices()[0])
       shardings = jax.tree.map(lambda _: device, on_disk)
@@ -407,6 +424,13 @@ def load_params(path, mesh: Optional[Mesh] = None, shardings: Optional[dict] = N
   except Exception as e:  # orbax / tensorstore raise many types for missing or corrupt chunks
     raise _damaged(p, e) from e
   return keys_like(_select(restored, subtree, "restored tree"), expected)
+
+
+def _extra_parts(p: epath.Path) -> dict:
+  """Abstract trees of the parts lmfusion.json declares besides text / image: {"vision": ...} for a LLaVA
+  checkpoint (checkpoints/llava.py), else {}."""
+  from lmfusion_jax.checkpoints import llava
+  return {"vision": llava.vision_abstract(llava.read_llava(p))} if llava.is_llava(p) else {}
 
 
 def count_params(tree) -> int:

@@ -24,6 +24,11 @@ DEFAULTS = FusionConfig()
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+  add_conversion_arguments(p, "write only the `text` branch (a plain Llama), no LMFusion image branch")
+
+
+def add_conversion_arguments(p: argparse.ArgumentParser, text_only_help: str) -> None:
+  """The flags convert-llama and convert-llava share."""
   p.add_argument("--hf-dir", required=True,
                  help="Hugging Face model folder: config.json plus model.safetensors, or shards with "
                       "model.safetensors.index.json")
@@ -36,8 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                       "sharded mesh read only their chunks; conversion holds about one chunk at a time, so "
                       "smaller chunks also mean less host memory; 0 = one chunk per array (holds the "
                       "largest leaf) (default: %(default)s)")
-  p.add_argument("--text-only", action="store_true",
-                 help="write only the `text` branch (a plain Llama), no LMFusion image branch")
+  p.add_argument("--text-only", action="store_true", help=text_only_help)
   g = p.add_argument_group("image branch (LMFusion); ignored with --text-only")
   g.add_argument("--separation", choices=SEPARATIONS, default=DEFAULTS.separation,
                  help="which per-layer weights get an image copy: deep = norms+QKV+O+FFN, shallow = FFN, "

@@ -358,9 +358,10 @@ def build_module(ctor, arrays: Mapping[str, np.ndarray]):
   return nnx.merge(graphdef, state)
 
 
-def _convert(src: TensorSource, ctor, rules: List[Rule], prefix: str, what: str, roots: Tuple[str, ...] = ("",)):
+def convert_module(src: TensorSource, ctor, rules: List[Rule], prefix: str, what: str,
+                   roots: Tuple[str, ...] = ("",)):
   """The module `ctor()` builds, with every parameter read from `src` by `rules`; every tensor named
-  prefix + one of `roots` + ... must be used (IGNORED_SUFFIXES aside)."""
+  prefix + one of `roots` + ... must be used (IGNORED_SUFFIXES aside; `roots=()` leaves that to the caller)."""
   shapes, dtypes = _abstract(ctor)
   assert {r.ours for r in rules} == set(shapes), sorted({r.ours for r in rules} ^ set(shapes))
   arrays = _read_leaves(src, rules, shapes, dtypes, prefix)
@@ -378,8 +379,8 @@ def _convert(src: TensorSource, ctor, rules: List[Rule], prefix: str, what: str,
 def vision_tower_from_tensors(cfg: VisionConfig, src: TensorSource) -> VisionTower:
   """The vision tower `cfg` describes, read from `src` under whichever prefix it uses (see `vision_prefix`)."""
   prefix = vision_prefix(src)
-  return _convert(src, lambda: VisionTower(cfg, rngs=nnx.Rngs(0)), vision_rules(cfg), prefix,
-                  f"a {cfg.variant} vision tower (tensors {prefix + '*'!r})", VISION_ROOTS)
+  return convert_module(src, lambda: VisionTower(cfg, rngs=nnx.Rngs(0)), vision_rules(cfg), prefix,
+                        f"a {cfg.variant} vision tower (tensors {prefix + '*'!r})", VISION_ROOTS)
 
 
 def vision_tower_from_state_dict(cfg: VisionConfig, state_dict: Mapping[str, np.ndarray],
@@ -407,5 +408,5 @@ def load_hf_clip(hf_dir) -> Tuple[CLIPConfig, CLIP]:
   config_path = hf_dir / CONFIG_FILE
   cfg = clip_config_from_hf(read_json(config_path, "a Hugging Face CLIPModel config.json"), str(config_path))
   src = TensorSource.from_folder(hf_dir)
-  model = _convert(src, lambda: CLIP(cfg, rngs=nnx.Rngs(0)), clip_rules(cfg), "", "a CLIPModel")
+  model = convert_module(src, lambda: CLIP(cfg, rngs=nnx.Rngs(0)), clip_rules(cfg), "", "a CLIPModel")
   return cfg, model

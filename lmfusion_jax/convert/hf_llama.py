@@ -275,17 +275,30 @@ def read_config(hf_dir, **overrides) -> LlamaConfig:
   return LlamaConfig.from_hf_file(epath.Path(hf_dir) / "config.json", **overrides)
 
 
-def checkpoint_dtype(ckpt: HFCheckpoint, cfg: LlamaConfig) -> str:
-  """The dtype of the checkpoint's weights; float32 if they are mixed (lossless for bf16/fp16)."""
-  dtypes = {ckpt.dtype(n) for rule in text_rules(cfg) for n in hf_names(rule, cfg)}
+def checkpoint_dtype(ckpt: HFCheckpoint, cfg: LlamaConfig, rules: Optional[Sequence[TensorRule]] = None) -> str:
+  """The dtype of the checkpoint's weights; float32 if they are mixed (lossless for bf16/fp16). `rules`
+  default to text_rules(cfg) (a LLaVA folder passes its renamed ones, convert/hf_llava.py)."""
+  rules = text_rules(cfg) if rules is None else rules
+  dtypes = {ckpt.dtype(n) for rule in rules for n in hf_names(rule, cfg)}
   return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 
 def validate(ckpt: HFCheckpoint, cfg: LlamaConfig) -> None:
   """Checks every expected tensor exists with the shape config.json implies, and nothing unknown is
   present, before anything is written. Raises ConversionError naming the tensor and file."""
+  expected = check_tensors(ckpt, cfg, text_rules(cfg))
+  unknown = [n for n in ckpt.names() if n not in expected and not n.endswith(IGNORED_SUFFIXES)
+             and not (cfg.tie_embeddings and n == "lm_head.weight")]
+  if unknown:
+    raise ConversionError(f"{ckpt.dir}: unexpected tensor(s) for a Llama model: {sorted(unknown)[:8]}"
+                          f"{' ...' if len(unknown) > 8 else ''}")
+
+
+def check_tensors(ckpt: HFCheckpoint, cfg: LlamaConfig, rules: Sequence[TensorRule]) -> set:
+  """Checks the tensors of `rules` exist with the shapes config.json implies and a supported dtype (else
+  ConversionError naming the tensor and file); returns their names."""
   expected = set()
-  for rule in text_rules(cfg):
+  for rule in rules:
     want = hf_shape(rule, cfg)
     for name in hf_names(rule, cfg):
       expected.add(name)
@@ -294,18 +307,16 @@ def validate(ckpt: HFCheckpoint, cfg: LlamaConfig) -> None:
         raise ConversionError(f"{ckpt.dir / ckpt.files[name]}: tensor {name!r} has shape {list(got)}, but "
                               f"config.json implies {list(want)}")
       ckpt.dtype(name)
-  unknown = [n for n in ckpt.names() if n not in expected and not n.endswith(IGNORED_SUFFIXES)
-             and not (cfg.tie_embeddings and n == "lm_head.weight")]
-  if unknown:
-    raise ConversionError(f"{ckpt.dir}: unexpected tensor(s) for a Llama model: {sorted(unknown)[:8]}"
-                          f"{' ...' if len(unknown) > 8 else ''}")
+  return expected
 
 
-def iter_text_leaves(ckpt: HFCheckpoint, cfg: LlamaConfig, dtype: str) -> Iterator[Tuple[str, np.ndarray]]:
+def iter_text_leaves(ckpt: HFCheckpoint, cfg: LlamaConfig, dtype: str,
+                     rules: Optional[Sequence[TensorRule]] = None) -> Iterator[Tuple[str, np.ndarray]]:
   """Yields (our "/"-path, numpy array in `dtype`) one leaf at a time. Each leaf (layers stacked) is
-  preallocated and filled from the HF tensors in row blocks, so host memory holds one leaf plus one block."""
+  preallocated and filled from the HF tensors in row blocks, so host memory holds one leaf plus one block.
+  `rules` default to text_rules(cfg)."""
   np_dtype = NUMPY_DTYPES[dtype]
-  for rule in text_rules(cfg):
+  for rule in (text_rules(cfg) if rules is None else rules):
     unit = _unit_shape(rule, cfg)
     names = hf_names(rule, cfg)
     out = np.empty((len(names),) + unit if rule.per_layer else unit, np_dtype)
@@ -315,10 +326,11 @@ def iter_text_leaves(ckpt: HFCheckpoint, cfg: LlamaConfig, dtype: str) -> Iterat
     del out
 
 
-def embed_rms(ckpt: HFCheckpoint, cfg: LlamaConfig, dtype: str, block_bytes: int = 64 * 2**20) -> np.float32:
+def embed_rms(ckpt: HFCheckpoint, cfg: LlamaConfig, dtype: str, block_bytes: int = 64 * 2**20,
+              name: str = "model.embed_tokens.weight") -> np.float32:
   """RMS of our `embed` leaf in `dtype` (what `models.fusion.embed_rms` computes), read in row blocks and
-  accumulated in float64, so the embedding is never whole in memory."""
-  name = "model.embed_tokens.weight"
+  accumulated in float64, so the embedding is never whole in memory. `name`: the HF tensor (a LLaVA folder's
+  is elsewhere)."""
   rows, dim = ckpt.shape(name)
   step = max(1, block_bytes // (dim * 8))
   total = 0.0

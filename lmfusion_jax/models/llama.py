@@ -80,12 +80,18 @@ class Llama(nnx.Module):
 
     positions default to 0..seq-1 and segment_ids to 1 (one document per row, no padding).
     """
-    b, s = tokens.shape
+    return self.forward_embedded(self.embed_tokens(tokens), positions, segment_ids, cache, attention_impl)
+
+  def forward_embedded(self, x: jax.Array, positions: Optional[jax.Array] = None,
+                       segment_ids: Optional[jax.Array] = None, cache: Optional[decoder.KVCache] = None,
+                       attention_impl: Optional[str] = None):
+    """As __call__, from embeddings x [batch, seq, embed] (e.g. a LLaVA prompt with image features placed)."""
+    b, s = x.shape[:2]
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), (b, s))
     if segment_ids is None:
       segment_ids = jnp.ones((b, s), jnp.int32)
     spec = decoder.LayerSpec(self.cfg, "none", attention_impl or self.cfg.attention_impl)
-    text = decoder.Embedded(self.embed_tokens(tokens), text_info(positions, segment_ids))
+    text = decoder.Embedded(x.astype(self.cfg.jnp_dtype), text_info(positions, segment_ids))
     _, x, kv = decoder.decoder_stack(spec, text, None, decoder.LayerWeights(self.layers.arrays(), None), cache)
     return self.logits(x), kv

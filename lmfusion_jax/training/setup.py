@@ -124,9 +124,12 @@ def resolve_run_config(cfg, log: Callable[[str], None] = print):
 
 
 def _differences(stored: dict, current, fields) -> list:
+  """Fields of `current` that differ from `stored`; a field an older run did not record has its default
+  (the architecture that run had)."""
+  defaults = {f.name: f.default for f in dataclasses.fields(current)}
   out = []
   for f in fields:
-    a, b = stored.get(f), getattr(current, f)
+    a, b = stored.get(f, defaults.get(f)), getattr(current, f)
     a = tuple(a) if isinstance(a, list) else a
     if a != b:
       out.append(f"{f}: {a} in the checkpoint vs {b} in this config")

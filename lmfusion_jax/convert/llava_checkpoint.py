@@ -1,0 +1,233 @@
+"""A Hugging Face LLaVA / LLaVA-NeXT folder <-> a params checkpoint with three parts (the CLI's convert-llava and
+export-llava; LLaVAFusion, the paper's second setting):
+
+  text    the VLM's Llama, stored as convert-llama stores a Llama (frozen in LLaVAFusion training)
+  vision  models/llava.LlavaVision: tower + projector (+ NeXT image_newline) (frozen; the understanding path)
+  image   the generation branch: copies of the text layers + fresh image in/out modules (trained)
+
+  convert_llava(hf_dir, out, fusion_cfg=...)   text leaves stream chunk by chunk from the safetensors as in
+                                               convert-llama (the image copies from the same chunks); the vision
+                                               leaves (a few hundred MB for a ViT-L) are read one leaf at a time
+  export_llava(checkpoint, out)                text + vision -> a HF folder: every tensor under the name it was
+                                               read from (checkpoints/llava.py keeps the layout), bit for bit,
+                                               with the original config.json / preprocessor_config.json
+
+Every tensor is checked against config.json before anything is written (convert/hf_llava.validate); on any error
+nothing is left at `out`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Callable, Optional, Union
+
+import numpy as np
+from etils import epath
+
+from lmfusion_jax.checkpoints import llava as llava_ckpt
+from lmfusion_jax.checkpoints import params as params_io
+from lmfusion_jax.checkpoints.files import CheckpointError
+from lmfusion_jax.convert import hf_clip, hf_export, hf_llama, hf_llava
+from lmfusion_jax.convert.llama_checkpoint import _image_layer_keys, _image_rest
+from lmfusion_jax.models.config import ConfigError, FusionConfig, LlamaConfig
+
+
+def _vision_shapes(cfg) -> dict:
+  """Our "/"-path -> shape of every LlavaVision leaf."""
+  flat = params_io._flat(llava_ckpt.vision_abstract(cfg))
+  return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def _vision_dtype(ckpt: hf_llama.HFCheckpoint, rules) -> str:
+  """The vision tensors' dtype; float32 when they are mixed (lossless for bf16 / fp16)."""
+  dtypes = {ckpt.dtype(n) for r in rules for n in r.hf_names("")}
+  return dtypes.pop() if len(dtypes) == 1 else "float32"
+
+
+def _read_vision_leaf(ckpt: hf_llama.HFCheckpoint, rule: hf_clip.Rule, shape, dtype: str) -> np.ndarray:
+  """Our leaf `rule.ours` ([layers, ...] when stacked) in `dtype`, one HF tensor at a time."""
+  unit = shape[1:] if rule.per_layer else shape
+  parts = [hf_clip.to_ours(rule, ckpt.read(n), unit).astype(hf_llama.NUMPY_DTYPES[dtype], copy=False)
+           for n in rule.hf_names("")]
+  return np.stack(parts) if rule.per_layer else parts[0]
+
+
+def _nest(flat: dict) -> dict:
+  out: dict = {}
+  for path, v in flat.items():
+    node = out
+    *head, last = path.split("/")
+    for part in head:
+      node = node.setdefault(part, {})
+    node[last] = v
+  return out
+
+
+def convert_llava(hf_dir, out, *, dtype: Optional[str] = None,
+                  fusion_cfg: Union[None, FusionConfig, Callable[[LlamaConfig], FusionConfig]] = None,
+                  seed: int = 0, overwrite: bool = False, chunk_mib: int = 64, progress_desc: Optional[str] = None):
+  """Converts and writes; returns (LlavaConfig, FusionConfig | None, number of parameters written).
+
+  `dtype` applies to the text (and image) part, default the folder's; the vision part keeps the folder's dtype.
+  `fusion_cfg` None writes text + vision only (the VLM, e.g. to export it again)."""
+  if isinstance(chunk_mib, bool) or not isinstance(chunk_mib, int) or chunk_mib < 0:
+    raise ConfigError(f"chunk_mib={chunk_mib!r} (--chunk-mib): expected an integer >= 0 (0 = one chunk per array)")
+  if dtype is not None and dtype not in hf_llama.NUMPY_DTYPES:
+    raise ConfigError(f"dtype={dtype!r} (--dtype): expected one of {sorted(hf_llama.NUMPY_DTYPES)}")
+  ckpt = hf_llama.HFCheckpoint(hf_dir)
+  cfg = hf_llava.read_llava_config(hf_dir, hf_llava.detect_layout(ckpt.names(), str(ckpt.dir)))
+  hf_llava.validate(ckpt, cfg)
+  t_rules, v_rules = hf_llava.text_rules(cfg), hf_llava.vision_rules(cfg)
+  dtype = dtype or hf_llama.checkpoint_dtype(ckpt, cfg.text, t_rules)
+  vdtype = _vision_dtype(ckpt, v_rules)
+  tcfg = cfg.text.replace(param_dtype=dtype, dtype=dtype)
+  cfg = cfg.replace(text=tcfg, vision=cfg.vision.replace(param_dtype=vdtype))
+  if callable(fusion_cfg):
+    fusion_cfg = fusion_cfg(tcfg)
+  shapes = hf_llama.text_param_shapes(tcfg)
+  text = {r.ours: params_io.LazyArray(shapes[r.ours], hf_llama.NUMPY_DTYPES[dtype],
+                                      functools.partial(ckpt.read_box, r, tcfg, dtype=dtype)) for r in t_rules}
+  tree = {"text": hf_llama.nest(text)}
+  v_shapes = _vision_shapes(cfg)
+  vision = {r.ours: params_io.LazyArray(v_shapes[r.ours], hf_llama.NUMPY_DTYPES[vdtype],
+                                        functools.partial(_vision_box, ckpt, r, v_shapes[r.ours], vdtype))
+            for r in v_rules}
+  tree["vision"] = _nest(vision)
+  if fusion_cfg is not None:
+    by_ours = {r.ours: r for r in t_rules}
+    final_norm = ckpt.read_box(by_ours["final_norm"], tcfg, (slice(None),), dtype)
+    rms = hf_llama.embed_rms(ckpt, tcfg, dtype, name=by_ours["embed"].hf)
+    image = _image_rest(tcfg, fusion_cfg, final_norm, rms, seed)
+    if fusion_cfg.image_init == "copy" and _image_layer_keys(fusion_cfg):
+      image["layers"] = {k: tree["text"]["layers"][k] for k in _image_layer_keys(fusion_cfg)}
+    tree["image"] = image
+  tokenizer = hf_dir if params_io.has_tokenizer(hf_dir) else None
+  with params_io.ParamsWriter(out, tcfg, fusion_cfg, overwrite=overwrite,
+                              chunk_bytes=chunk_mib * 2**20 if chunk_mib > 0 else None,
+                              progress_desc=progress_desc, tokenizer_dir=tokenizer,
+                              extra_config=llava_ckpt.entry(cfg.hf_layout, vdtype),
+                              extra_files=llava_ckpt.hf_file_bytes(hf_dir)) as w:
+    w.write(tree)
+  _cached_vision_leaf.cache_clear()
+  return cfg, fusion_cfg, params_io.count_params(tree)
+
+
+def _vision_box(ckpt, rule, shape, dtype, index) -> np.ndarray:
+  """LazyArray fill: the box `index` of the vision leaf (the leaf is read whole once: the tower is small)."""
+  return _cached_vision_leaf(ckpt, rule, shape, dtype)[tuple(index)]
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_vision_leaf(ckpt, rule, shape, dtype) -> np.ndarray:
+  return _read_vision_leaf(ckpt, rule, shape, dtype)
+
+
+def to_hf(rule: hf_clip.Rule, ours: np.ndarray) -> np.ndarray:
+  """The inverse of hf_clip.to_ours for one unit (per-layer) array; a packed in_proj part gives its third."""
+  unit = ours.shape
+  if rule.kind == "conv":
+    return np.ascontiguousarray(np.transpose(ours, (3, 2, 0, 1)))
+  if rule.kind == "linear":
+    return np.ascontiguousarray(ours.reshape(math.prod(unit[:rule.n_in]), -1).T)
+  shape = hf_clip.hf_shape(dataclasses.replace(rule, part=None), unit)
+  return np.ascontiguousarray(ours.reshape(shape))
+
+
+def export_llava(checkpoint, out, *, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9):
+  """A LLaVA params checkpoint (convert-llava's) -> a HF folder that LlavaForConditionalGeneration /
+  LlavaNextForConditionalGeneration load: the text and vision tensors under the names they were read from,
+  in their stored dtypes, config.json / preprocessor_config.json as they came, the tokenizer files.
+  Returns the LlavaConfig."""
+  from lmfusion_jax.checkpoints.resolve import resolve
+  kind, path, step = resolve(checkpoint)
+  if kind != "params":
+    raise CheckpointError(f"{checkpoint}: export-llava reads a params checkpoint from convert-llava (the text and "
+                          f"vision parts stay frozen in LLaVAFusion training, so the converted checkpoint holds "
+                          f"them exactly); this is a training {'workdir' if step is None else 'step'}: pass its "
+                          f"init_from")
+  llava_ckpt.require_llava(path, "export-llava")
+  cfg = llava_ckpt.read_llava(path)
+  meta = params_io.stored_metadata(path)
+  tdtype = str(np.dtype(meta["text"]["embed"].dtype))
+  vdtype = cfg.vision.param_dtype
+  entries = []      # (HF name, numpy array getter, shape, dtype)
+  for rule in hf_llava.text_rules(cfg):
+    shape = hf_llama.hf_shape(rule, cfg.text)
+    for i, name in enumerate(hf_llama.hf_names(rule, cfg.text)):
+      entries.append((name, functools.partial(_text_tensor, path, rule, cfg.text, i), shape, tdtype))
+  v_shapes = _vision_shapes(cfg)
+  packed: dict = {}   # a packed in_proj (SigLIP's head): one HF tensor from three of our leaves (q, k, v)
+  for rule in hf_llava.vision_rules(cfg):
+    unit = v_shapes[rule.ours][1:] if rule.per_layer else v_shapes[rule.ours]
+    for i, name in enumerate(rule.hf_names("")):
+      if rule.part is not None:
+        packed.setdefault(name, [None, None, None, hf_clip.hf_shape(rule, unit)])[rule.part] = (rule, i)
+        continue
+      entries.append((name, functools.partial(_vision_tensor, path, rule, i), hf_clip.hf_shape(rule, unit), vdtype))
+  for name, (*parts, shape) in packed.items():
+    entries.append((name, functools.partial(_packed_tensor, path, parts), shape, vdtype))
+  _write_folder(epath.Path(out), entries, llava_ckpt.stored_hf_files(path), path, overwrite, max_shard_bytes)
+  return cfg
+
+
+@functools.lru_cache(maxsize=1)
+def _leaf(path: str, subtree: str) -> np.ndarray:
+  return np.asarray(params_io.load_params(path, subtree=subtree))
+
+
+def _text_tensor(path, rule, cfg, i) -> np.ndarray:
+  leaf = _leaf(str(path), f"text/{rule.ours}")
+  return hf_llama.to_hf(rule, leaf[i] if rule.per_layer else leaf, hf_llama.hf_shape(rule, cfg))
+
+
+def _vision_tensor(path, rule, i) -> np.ndarray:
+  leaf = _leaf(str(path), f"vision/{rule.ours}")
+  return to_hf(rule, leaf[i] if rule.per_layer else leaf)
+
+
+def _packed_tensor(path, parts) -> np.ndarray:
+  return np.concatenate([_vision_tensor(path, rule, i) for rule, i in parts], axis=0)
+
+
+def _write_folder(out: epath.Path, entries, hf_files: dict, ckpt_path, overwrite: bool, max_shard_bytes: int):
+  """Safetensors shards (+ index) in `entries` order, one tensor in memory at a time, and the kept files. A shard
+  holds one dtype (text and vision may differ) and closes before it would exceed max_shard_bytes."""
+  import json
+  shards, size = [[]], 0
+  for e in entries:
+    nbytes = math.prod(e[2]) * np.dtype(hf_llama.NUMPY_DTYPES[e[3]]).itemsize
+    if shards[-1] and (size + nbytes > max_shard_bytes or shards[-1][-1][3] != e[3]):
+      shards.append([])
+      size = 0
+    shards[-1].append(e)
+    size += nbytes
+  names = ([hf_export.SINGLE_FILE] if len(shards) == 1 else
+           [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+
+  def fill(tmp):
+    for fname, group in zip(names, shards):
+      writer = hf_export.SafetensorsStreamWriter(tmp / fname, [(e[0], tuple(e[2])) for e in group], group[0][3])
+      for name, get, shape, dt in group:
+        arr = np.asarray(get()).astype(hf_llama.NUMPY_DTYPES[dt], copy=False)
+        if tuple(arr.shape) != tuple(shape):
+          raise CheckpointError(f"{ckpt_path}: tensor {name} comes out {list(arr.shape)}, expected {list(shape)}")
+        writer.write(name, arr)
+      writer.close()
+    if len(shards) > 1:
+      weight_map = {e[0]: fname for fname, group in zip(names, shards) for e in group}
+      total = sum(math.prod(e[2]) * np.dtype(hf_llama.NUMPY_DTYPES[e[3]]).itemsize for e in entries)
+      (tmp / hf_export.INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
+                                                           "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    for name, data in hf_files.items():
+      (tmp / name).write_bytes(data)
+    tok = epath.Path(ckpt_path) / params_io.TOKENIZER_DIR
+    if tok.exists():
+      params_io.copy_tokenizer_files(tok, tmp)
+
+  _leaf.cache_clear()
+  try:
+    return hf_export.write_dir(out, fill, overwrite)
+  finally:
+    _leaf.cache_clear()
+
