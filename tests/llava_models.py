@@ -16,8 +16,8 @@ PINPOINTS = [[16, 32], [32, 16], [32, 32], [48, 16], [16, 48]]
 VARIANTS = ("llava-clip", "llava-siglip", "next-clip", "next-siglip")
 
 
-def text_kw():
-  return dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+def text_kw(vocab=VOCAB):
+  return dict(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-5, bos_token_id=1,
               eos_token_id=2, pad_token_id=0)
 
@@ -39,14 +39,14 @@ def _processor(kind: str, tower: str):
                                          image_mean=MEAN, image_std=STD)
 
 
-def make_hf_llava(folder, variant: str, seed: int = 0):
+def make_hf_llava(folder, variant: str, seed: int = 0, vocab: int = VOCAB, image_token: int = IMAGE_TOKEN):
   """A random LLaVA ("llava-*") or LLaVA-NeXT ("next-*") with a CLIP or SigLIP tower, saved at `folder`
   (config.json, model.safetensors, preprocessor_config.json). Returns the torch model (eval, float32).
 
   CLIP towers use vision_feature_select_strategy "default" (CLS dropped), SigLIP towers "full"."""
   kind, tower = variant.split("-")
   torch.manual_seed(seed)
-  kw = dict(text_config=text_kw(), vision_config=_vision(tower), image_token_index=IMAGE_TOKEN,
+  kw = dict(text_config=text_kw(vocab), vision_config=_vision(tower), image_token_index=image_token,
             vision_feature_layer=-2, vision_feature_select_strategy="default" if tower == "clip" else "full")
   if kind == "next":
     config, cls = transformers.LlavaNextConfig(image_grid_pinpoints=PINPOINTS, **kw), \
@@ -59,3 +59,17 @@ def make_hf_llava(folder, variant: str, seed: int = 0):
   model.save_pretrained(str(folder), safe_serialization=True)
   _processor(kind, tower).save_pretrained(str(folder))
   return model
+
+
+def make_hf_llava_with_tokenizer(folder, variant: str, seed: int = 0):
+  """make_hf_llava with a byte-level BPE tokenizer saved beside it whose last id is the `<image>` token (the
+  model's image_token_index), as HF LLaVA folders hold. Returns (torch model, tokenizer)."""
+  from lmfusion_jax.data.tokenizer import train_tokenizer
+  texts = ["a photo of a cat on a mat", "what is in the image", "describe the image", "USER: ASSISTANT:"] * 20
+  tok = train_tokenizer(texts, 300, str(folder) + ".tok")
+  tok.add_special_tokens({"additional_special_tokens": ["<image>"]})
+  image_token = tok.convert_tokens_to_ids("<image>")
+  assert image_token == len(tok) - 1
+  model = make_hf_llava(folder, variant, seed, vocab=len(tok), image_token=image_token)
+  tok.save_pretrained(str(folder))
+  return model, tok

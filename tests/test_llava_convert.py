@@ -152,3 +152,47 @@ def test_bad_inputs_are_named_and_leave_nothing(converted, tmp_path, capsys):
     (tmp_path / "cfg" / "config.json").write_text(text)
     from lmfusion_jax.convert.hf_llava import read_llava_config
     read_llava_config(tmp_path / "cfg")
+
+
+@pytest.fixture(scope="module", params=["llava-clip", "next-clip"])
+def with_tokenizer(request, tmp_path_factory):
+  from llava_models import make_hf_llava_with_tokenizer
+  work = tmp_path_factory.mktemp("llava_cli")
+  hf, tok = make_hf_llava_with_tokenizer(work / "hf", request.param)
+  assert run_cli(work, "convert-llava", "--hf-dir", "hf", "--out", "ck", *IMAGE_FLAGS) == 0
+  from PIL import Image
+  Image.fromarray(real_looking_uint8(2, 30, 52)).save(work / "photo.png")
+  return request.param, work, hf, tok
+
+
+def hf_reference(variant, work, hf, tok, prompt):
+  """HF's own pipeline: its processor expands <image> and makes pixel_values, then generate (32 greedy tokens)."""
+  from PIL import Image
+  image_processor = transformers.AutoImageProcessor.from_pretrained(str(work / "hf"))
+  cls = transformers.LlavaNextProcessor if variant.startswith("next") else transformers.LlavaProcessor
+  proc = cls(image_processor=image_processor, tokenizer=tok, patch_size=hf.config.vision_config.patch_size,
+             vision_feature_select_strategy=hf.config.vision_feature_select_strategy, image_token="<image>",
+             num_additional_image_tokens=1)
+  inputs = proc(text=[prompt], images=[Image.open(work / "photo.png").convert("RGB")], return_tensors="pt")
+  with torch.no_grad():
+    out = hf.generate(**inputs, do_sample=False, max_new_tokens=32, min_new_tokens=32)
+  return out[0, inputs["input_ids"].shape[1]:].tolist()
+
+
+def test_generate_and_caption_cli_equal_hf_pipeline(with_tokenizer, capsys):
+  import json
+  variant, work, hf, tok = with_tokenizer
+  prompt = "USER: <image>\nwhat is in the image ASSISTANT:"
+  want = hf_reference(variant, work, hf, tok, prompt)
+  for ck in ("ck", "hf"):                      # the converted checkpoint and the HF folder itself
+    assert run_cli(work, "generate", "--checkpoint", ck, "--image", "photo.png", "--prompt", prompt,
+                   "--max-new-tokens", "32", "--ignore-eos", "--json") == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert got["tokens"] == want, ck
+  assert run_cli(work, "caption", "--checkpoint", "ck", "--image", "photo.png", "--prompt", prompt,
+                 "--max-new-tokens", "8", "--json") == 0
+  cap = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert cap["tokens"] == want[:len(cap["tokens"])] and cap["image"] == "photo.png"
+  # a prompt without <image> is refused with both counts
+  assert run_cli(work, "generate", "--checkpoint", "ck", "--image", "photo.png", "--prompt", "no image here") != 0
+  assert "0 image token(s)" in capsys.readouterr().err

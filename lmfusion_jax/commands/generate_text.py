@@ -5,6 +5,12 @@
 
 Greedy by default. Several --prompt flags run as one left-padded batch. --json prints one line per prompt:
 {"prompt_tokens": [...], "tokens": [new token ids], "text": "decoded new tokens"}.
+
+With --image (a LLaVA checkpoint: a HF LLaVA / LLaVA-NeXT folder, a convert-llava checkpoint or a LLaVAFusion run):
+the understanding path, HF LLaVA's greedy tokens. Each prompt holds `<image>` where an image goes; the --image files
+fill them in order across the prompts:
+
+  lmfusion-jax generate --checkpoint llava_ckpt --image cat.png --prompt "USER: <image>\nWhat is it? ASSISTANT:"
 """
 from __future__ import annotations
 
@@ -39,9 +45,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                  help="compute and parameter dtype (default: as stored)")
   p.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+  p.add_argument("--image", action="append", default=[],
+                 help="image file for a LLaVA checkpoint; repeat for several; each fills the next <image> of the "
+                      "prompts")
 
 
 def run(args) -> int:
+  if args.image:
+    return _run_llava(args)
   tok_dir = args.tokenizer or loading.checkpoint_tokenizer(args.checkpoint)
   if not tok_dir:
     raise ConfigError(f"--checkpoint {args.checkpoint}: no tokenizer travels with it; pass --tokenizer DIR")
@@ -76,4 +87,18 @@ def run(args) -> int:
       print(json.dumps({"prompt_tokens": list(ids), "tokens": out, "text": decoded}))
     else:
       print(prompt_text + decoded)
+  return 0
+
+
+def _run_llava(args) -> int:
+  from lmfusion_jax.inference import llava_answer, llava_generate
+  if llava_generate.llava_source(args.checkpoint) is None:
+    raise ConfigError(f"--image needs a LLaVA checkpoint (HF LLaVA folder, convert-llava checkpoint or a run from "
+                      f"one); --checkpoint {args.checkpoint} is not one")
+  tok = llava_answer.load_tokenizer_for(args.checkpoint, args.tokenizer)
+  llava = llava_generate.load_llava(args.checkpoint, dtype=args.dtype)
+  for a in llava_answer.answer(llava, tok, args.image, args.prompt, args.max_new_tokens, add_bos=not args.no_bos,
+                               ignore_eos=args.ignore_eos, temperature=args.temperature, top_p=args.top_p,
+                               seed=args.seed):
+    print(json.dumps({"prompt": a.prompt, "tokens": a.tokens, "text": a.text}) if args.json else a.prompt + a.text)
   return 0

@@ -37,22 +37,45 @@ class Llava(NamedTuple):
   vision: LlavaVision
 
 
-def load_llava(source, dtype: Optional[str] = None) -> Llava:
-  """A HF LLaVA / LLaVA-NeXT folder (convert/hf_llava.load_hf_llava) or a LLaVA params checkpoint (convert-llava:
-  its text and vision parts) as a Llava, held in memory."""
+def llava_source(checkpoint) -> Optional[str]:
+  """Where the vision side of `checkpoint` lives: the checkpoint itself (a HF LLaVA folder, or a params checkpoint
+  from convert-llava), a training run's init_from when that is a LLaVA checkpoint (LLaVAFusion: text and vision
+  never change), else None (a plain Llama / LMFusion checkpoint)."""
   from lmfusion_jax.checkpoints import llava as llava_ckpt
   from lmfusion_jax.checkpoints import params as params_io
-  if (epath.Path(source) / params_io.CONFIG_FILE).exists():
-    llava_ckpt.require_llava(source, "the LLaVA understanding path")
-    cfg = llava_ckpt.read_llava(source)
-    text_params = params_io.load_params(source, subtree="text", dtype=dtype)
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: LlavaVision(cfg, rngs=nnx.Rngs(0))))
-    nnx.replace_by_pure_dict(state, params_io.load_params(source, subtree="vision"))
-    vision = nnx.merge(graphdef, state)
-  else:
+  from lmfusion_jax.checkpoints.resolve import resolve, run_record
+  path = epath.Path(checkpoint)
+  if (path / "config.json").exists() and not (path / params_io.CONFIG_FILE).exists():
+    return str(path) if '"llava' in (path / "config.json").read_text() else None
+  kind, path, _ = resolve(checkpoint)
+  if kind == "params":
+    return str(path) if llava_ckpt.is_llava(path) else None
+  init = (run_record(path).get("config") or {}).get("init_from") or ""
+  return init if init and (epath.Path(init) / params_io.CONFIG_FILE).exists() and llava_ckpt.is_llava(init) \
+      else None
+
+
+def load_llava(checkpoint, dtype: Optional[str] = None) -> Llava:
+  """A HF LLaVA / LLaVA-NeXT folder (convert/hf_llava.load_hf_llava), a LLaVA params checkpoint (convert-llava: its
+  text and vision parts) or a LLaVAFusion training run / step (its text; the vision of its init_from) as a Llava,
+  held in memory."""
+  from lmfusion_jax.checkpoints import llava as llava_ckpt
+  from lmfusion_jax.checkpoints import params as params_io
+  source = llava_source(checkpoint)
+  if source is None:
+    raise UserError(f"{checkpoint}: not a LLaVA checkpoint (a HF LLaVA / LLaVA-NeXT folder, a convert-llava "
+                    f"checkpoint, or a training run whose init_from is one)")
+  if not (epath.Path(source) / params_io.CONFIG_FILE).exists():
     from lmfusion_jax.convert.hf_llava import load_hf_llava
     cfg, text_params, vision = load_hf_llava(source, dtype)
-  return Llava(cfg, sharded.model(cfg.text, None, {"text": text_params}), vision)
+    return Llava(cfg, sharded.model(cfg.text, None, {"text": text_params}), vision)
+  from lmfusion_jax.inference import loading
+  cfg = llava_ckpt.read_llava(source)
+  text_cfg, text_params = loading.load_text(checkpoint, dtype=dtype)
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: LlavaVision(cfg, rngs=nnx.Rngs(0))))
+  nnx.replace_by_pure_dict(state, params_io.load_params(source, subtree="vision"))
+  cfg = cfg.replace(text=text_cfg)
+  return Llava(cfg, sharded.model(text_cfg, None, {"text": text_params}), nnx.merge(graphdef, state))
 
 
 @functools.lru_cache(maxsize=8)
