@@ -1,4 +1,5 @@
-"""The `plan` table: Llama-3-8B LMFusion vs the dense (Transfusion-style) baseline on v5p-64/128/256.
+"""The `plan` table: Llama-3-8B LMFusion vs the dense (Transfusion-style) baseline on v5p-64/128/256, the text-only
+reference and LLaVAFusion (LLaVA-NeXT-8B).
 
   python benchmarks/plan_table.py [--cost scaled|unrolled] [--out DIR] [--topologies v5p-64 v5p-128 ...]
                                   [--variant NAME --config.k=v ...]
@@ -24,7 +25,8 @@ import time
 
 CONFIGS = {"LMFusion (deep, text frozen)": "configs/llama3_8b_lmfusion.py",
            "dense baseline (all trained)": "configs/llama3_8b_dense.py",
-           "text-only Llama-3-8B (all trained)": "configs/llama3_8b_text.py"}
+           "text-only Llama-3-8B (all trained)": "configs/llama3_8b_text.py",
+           "LLaVAFusion (LLaVA-NeXT-8B frozen)": "configs/llava_next_8b_fusion.py"}
 REPO = pathlib.Path(__file__).resolve().parent.parent
 # What was tried on the LMFusion v5p-128 cell (name -> config overrides), printed as a second table.
 # The v5p-128 preset saves matmul outputs (dots_saveable); the levers are compiled with full remat, the other
