@@ -240,7 +240,11 @@ def test_validate_run_config(key, value):
 
 @pytest.mark.parametrize("spec", ["configs/tiny.py", "configs/tiny.py:synthetic", "configs/demo_digits.py",
                                   "configs/demo_digits.py:ci", "configs/llama3_8b_lmfusion.py:v5p-128",
-                                  "configs/llama3_8b_dense.py"])
+                                  "configs/llama3_8b_dense.py", "configs/llama3_8b_text.py:v5p-64",
+                                  "configs/llava_next_8b_fusion.py:v5p-128", "configs/demo_mnist.py",
+                                  "configs/demo_mnist.py:ci", "configs/demo_mnist.py:tok64",
+                                  "configs/demo_mnist.py:noskip", "configs/demo_mnist.py:split_t",
+                                  "configs/demo_mnist.py:shift4"])
 def test_shipped_configs_validate(spec):
   from lmfusion_jax.run_config import load_config, model_configs, validate_run_config
   cfg = load_config(spec)
