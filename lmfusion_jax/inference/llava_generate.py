@@ -45,8 +45,10 @@ def llava_source(checkpoint) -> Optional[str]:
   from lmfusion_jax.checkpoints import params as params_io
   from lmfusion_jax.checkpoints.resolve import resolve, run_record
   path = epath.Path(checkpoint)
-  if (path / "config.json").exists() and not (path / params_io.CONFIG_FILE).exists():
-    return str(path) if '"llava' in (path / "config.json").read_text() else None
+  if (path / "config.json").exists() and not (path / params_io.CONFIG_FILE).exists():   # a HF folder
+    from lmfusion_jax.checkpoints.vae import read_json
+    from lmfusion_jax.convert.hf_llava import MODEL_TYPES
+    return str(path) if read_json(path / "config.json", "a HF config.json").get("model_type") in MODEL_TYPES else None
   kind, path, _ = resolve(checkpoint)
   if kind == "params":
     return str(path) if llava_ckpt.is_llava(path) else None
