@@ -92,3 +92,25 @@ def write_dir(out_dir, fill: Callable[[epath.Path], None], overwrite: bool = Fal
   if old.exists():
     old.rmtree()
   return out_dir
+
+
+# The files of a Hugging Face tokenizer folder (whichever exist are copied).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
+
+
+def has_tokenizer(folder) -> bool:
+  folder = epath.Path(folder)
+  return any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def copy_tokenizer_files(source, target) -> int:
+  """Copies the TOKENIZER_FILES present in `source` into `target` (created); returns how many."""
+  source, target = epath.Path(source), epath.Path(target)
+  target.mkdir(parents=True, exist_ok=True)
+  n = 0
+  for name in TOKENIZER_FILES:
+    if (source / name).exists():
+      (target / name).write_bytes((source / name).read_bytes())
+      n += 1
+  return n

@@ -10,8 +10,6 @@
 """
 from __future__ import annotations
 
-import json
-
 from etils import epath
 from flax import nnx
 
@@ -24,13 +22,8 @@ HF_FILES = ("config.json", "preprocessor_config.json", "generation_config.json")
 
 
 def _lmfusion_json(path) -> dict:
-  f = epath.Path(path) / CONFIG_FILE
-  if not f.exists():
-    raise CheckpointError(f"{epath.Path(path)}: no {CONFIG_FILE} (incomplete or not a params checkpoint)")
-  try:
-    return json.loads(f.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{f}: cannot read the model config: {e}") from e
+  from lmfusion_jax.checkpoints.vae import read_json
+  return read_json(epath.Path(path) / CONFIG_FILE, "a params checkpoint's model config (incomplete or not one?)")
 
 
 def is_llava(path) -> bool:

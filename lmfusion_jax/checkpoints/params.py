@@ -34,7 +34,8 @@ from orbax.checkpoint import multihost
 import orbax.checkpoint.experimental.v1 as ocp
 import tensorstore as ts
 
-from lmfusion_jax.checkpoints.files import CheckpointError, missing_or_empty, write_text
+from lmfusion_jax.checkpoints.files import (TOKENIZER_FILES, CheckpointError, copy_tokenizer_files,  # noqa: F401
+                                           has_tokenizer, missing_or_empty, write_text)
 from lmfusion_jax.models.config import (DTYPES, ConfigError, FusionConfig, LlamaConfig, fusion_config_from,
                                         llama_config_from)
 from lmfusion_jax.models import sharded
@@ -45,26 +46,6 @@ PARAMS_DIR = "params"
 # Where Orbax (v1 layout) keeps the pytree inside PARAMS_DIR; `LazyArray` leaves are filled there.
 PYTREE_DIR = "state"
 TOKENIZER_DIR = "tokenizer"
-# The files of a Hugging Face tokenizer folder (whichever exist are copied).
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-
-
-def has_tokenizer(folder) -> bool:
-  folder = epath.Path(folder)
-  return any((folder / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
-
-
-def copy_tokenizer_files(source, target) -> int:
-  """Copies the TOKENIZER_FILES present in `source` into `target` (created); returns how many."""
-  source, target = epath.Path(source), epath.Path(target)
-  target.mkdir(parents=True, exist_ok=True)
-  n = 0
-  for name in TOKENIZER_FILES:
-    if (source / name).exists():
-      (target / name).write_bytes((source / name).read_bytes())
-      n += 1
-  return n
 FORMAT_VERSION = 1
 TMP_SUFFIX = ".lmfusion-tmp"
 

@@ -126,7 +126,7 @@ def write_hf_checkpoint(out_dir, cfg: LlamaConfig, get_leaf: Callable[[str], np.
     gen = {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "do_sample": False}
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
     if tokenizer_dir:
-      from lmfusion_jax.checkpoints.params import copy_tokenizer_files
+      from lmfusion_jax.checkpoints.files import copy_tokenizer_files
       copy_tokenizer_files(tokenizer_dir, tmp)
 
   return write_dir(out, fill, overwrite)
