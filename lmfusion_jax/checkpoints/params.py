@@ -189,6 +189,9 @@ class ParamsWriter:
       info = ocp_v0.type_handlers.ParamInfo(name=name, parent_dir=pytree_dir, is_ocdbt_checkpoint=True,
                                             use_zarr3=True)
       spec = ocp_v0.type_handlers.get_json_tspec_read(info, use_ocdbt=True)
+      # chunks equal to the fill value (an all-zero leaf) must be stored too: a skipped chunk leaves the
+      # shard entry Orbax's placeholder wrote dangling (the checkpoint would not read back)
+      spec["store_data_equal_to_fill_value"] = True
       store = ts.open(ts.Spec(spec), open=True, context=context).result()
       if tuple(store.shape) != leaf.shape or np.dtype(store.dtype.numpy_dtype) != leaf.dtype:
         raise CheckpointError(f"{pytree_dir}: stored {name} is {store.dtype.name}{list(store.shape)}, "

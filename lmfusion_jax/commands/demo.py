@@ -16,7 +16,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 examples:
   lmfusion-jax demo --workdir /tmp/lmfusion-demo
   lmfusion-jax demo --workdir /tmp/demo-ci --config configs/demo_digits.py:ci
-  lmfusion-jax demo --workdir /tmp/demo --config.total_steps=5000"""
+  lmfusion-jax demo --workdir /tmp/demo --config.total_steps=5000
+  lmfusion-jax demo --workdir /tmp/llavafusion --config configs/demo_llava_digits.py   # LLaVAFusion:
+      a tiny LLaVA pretrained here -> HF export -> convert-llava -> LMFusion with text and vision frozen"""
   p.add_argument("--workdir", required=True, help="where everything is written (created if missing)")
   p.add_argument("--config", default="configs/demo_digits.py",
                  help="demo config (default: configs/demo_digits.py; ':ci' for a CI-sized run)")
@@ -25,9 +27,12 @@ examples:
 
 def run(args) -> int:
   from lmfusion_jax.run_config import apply_overrides, load_config
-  from lmfusion_jax.demo import run_demo
   cfg = apply_overrides(load_config(args.config), args.overrides)
   cfg.workdir = args.workdir
+  if cfg.get("demo", {}).get("llava"):     # configs/demo_llava_digits.py: the LLaVAFusion demo
+    from lmfusion_jax.demo_llava import run_llava_demo as run_demo
+  else:
+    from lmfusion_jax.demo import run_demo
   out = run_demo(cfg)
   if args.json:
     print(json.dumps(out["metrics"], sort_keys=True, default=str))

@@ -24,7 +24,7 @@ from etils import epath
 from flax import nnx
 
 from lmfusion_jax.checkpoints.vae import read_json
-from lmfusion_jax.convert import hf_clip, hf_llama
+from lmfusion_jax.convert import hf_clip, hf_export, hf_llama
 from lmfusion_jax.convert.hf_clip import Rule, TensorSource
 from lmfusion_jax.convert.hf_llama import ConversionError, HFCheckpoint, TensorRule
 from lmfusion_jax.models.clip import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageProcessorConfig
@@ -33,7 +33,8 @@ from lmfusion_jax.models.llava import LlavaConfig, LlavaVision
 from lmfusion_jax.models.params import abstract_split
 
 __all__ = ["LAYOUTS", "Layout", "LlavaConfig", "detect_layout", "layout_of", "load_hf_llava", "read_llava_config",
-           "text_rules", "validate", "vision_param_shapes", "vision_rules"]
+           "llava_config_to_hf", "processor_to_hf", "text_rules", "validate", "vision_param_shapes",
+           "vision_rules"]
 
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
@@ -228,6 +229,41 @@ def read_llava_config(hf_dir, hf_layout: str = "saved") -> LlavaConfig:
   cfg = llava_config_from_hf(read_json(path, "a Hugging Face LLaVA config.json"), str(path), hf_layout)
   pre = hf_dir / PREPROCESSOR_FILE
   return processor_from_hf(read_json(pre, "the image processor's config") if pre.exists() else None, cfg, str(pre))
+
+
+def llava_config_to_hf(cfg: LlavaConfig) -> dict:
+  """config.json of a plain LLaVA (`LlavaForConditionalGeneration`) for `cfg`: the inverse of llava_config_from_hf
+  (text_config a Llama, vision_config a CLIP / SigLIP vision model). NeXT is not written."""
+  if cfg.is_next:
+    raise ConfigError("llava_config_to_hf: writes plain LLaVA configs only (this one has image_grid_pinpoints)")
+  v = cfg.vision
+  text = {k: x for k, x in hf_export.hf_config_dict(cfg.text, cfg.text.param_dtype).items() if k != "architectures"}
+  vision = {"model_type": {"clip": "clip_vision_model", "siglip": "siglip_vision_model"}[v.variant],
+            "hidden_size": v.hidden_size, "intermediate_size": v.intermediate_size,
+            "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "image_size": v.image_size,
+            "patch_size": v.patch_size, "num_channels": v.num_channels, "layer_norm_eps": v.layer_norm_eps,
+            "hidden_act": v.hidden_act}
+  if v.variant == "siglip":
+    vision["vision_use_head"] = v.use_head
+  return {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava", "text_config": text,
+          "vision_config": vision, "image_token_index": cfg.image_token_index,
+          "projector_hidden_act": cfg.projector_hidden_act, "multimodal_projector_bias": cfg.projector_bias,
+          "vision_feature_layer": cfg.vision_feature_layer,
+          "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+          "tie_word_embeddings": cfg.text.tie_embeddings, "dtype": cfg.text.param_dtype}
+
+
+def processor_to_hf(cfg: LlavaConfig) -> dict:
+  """preprocessor_config.json of cfg.processor: a CLIPImageProcessor (SiglipImageProcessor for a SigLIP tower);
+  processor_from_hf reads it back to the same ImageProcessorConfig."""
+  p = cfg.processor
+  kind = "SiglipImageProcessor" if cfg.vision.variant == "siglip" else "CLIPImageProcessor"
+  size = {"shortest_edge": p.shortest_edge} if p.shortest_edge is not None else \
+      {"height": p.resize_hw[0], "width": p.resize_hw[1]}
+  return {"image_processor_type": kind, "do_resize": p.do_resize, "size": size, "resample": p.resample,
+          "do_center_crop": p.do_center_crop, "crop_size": {"height": p.crop_hw[0], "width": p.crop_hw[1]},
+          "do_rescale": p.do_rescale, "rescale_factor": p.rescale_factor, "do_normalize": p.do_normalize,
+          "image_mean": list(p.image_mean), "image_std": list(p.image_std), "do_convert_rgb": True}
 
 
 # --- reading ------------------------------------------------------------------------------------------------

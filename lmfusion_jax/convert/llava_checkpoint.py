@@ -8,6 +8,8 @@ export-llava; LLaVAFusion, the paper's second setting):
   convert_llava(hf_dir, out, fusion_cfg=...)   text leaves stream chunk by chunk from the safetensors as in
                                                convert-llama (the image copies from the same chunks); the vision
                                                leaves (a few hundred MB for a ViT-L) are read one leaf at a time
+  save_llava(out, cfg, params)                 a LLaVA trained here (text + vision pure dicts) -> the same kind
+                                               of checkpoint, its HF config files synthesized from the LlavaConfig
   export_llava(checkpoint, out)                text + vision -> a HF folder: every tensor under the name it was
                                                read from (checkpoints/llava.py keeps the layout), bit for bit,
                                                with the original config.json / preprocessor_config.json
@@ -53,17 +55,6 @@ def _read_vision_leaf(ckpt: hf_llama.HFCheckpoint, rule: hf_clip.Rule, shape, dt
   return np.stack(parts) if rule.per_layer else parts[0]
 
 
-def _nest(flat: dict) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    *head, last = path.split("/")
-    for part in head:
-      node = node.setdefault(part, {})
-    node[last] = v
-  return out
-
-
 def convert_llava(hf_dir, out, *, dtype: Optional[str] = None,
                   fusion_cfg: Union[None, FusionConfig, Callable[[LlamaConfig], FusionConfig]] = None,
                   seed: int = 0, overwrite: bool = False, chunk_mib: int = 64, progress_desc: Optional[str] = None):
@@ -93,7 +84,7 @@ def convert_llava(hf_dir, out, *, dtype: Optional[str] = None,
   vision = {r.ours: params_io.LazyArray(v_shapes[r.ours], hf_llama.NUMPY_DTYPES[vdtype],
                                         functools.partial(_vision_box, ckpt, r, v_shapes[r.ours], vdtype))
             for r in v_rules}
-  tree["vision"] = _nest(vision)
+  tree["vision"] = hf_llama.nest(vision)
   if fusion_cfg is not None:
     by_ours = {r.ours: r for r in t_rules}
     final_norm = ckpt.read_box(by_ours["final_norm"], tcfg, (slice(None),), dtype)
@@ -111,6 +102,24 @@ def convert_llava(hf_dir, out, *, dtype: Optional[str] = None,
     w.write(tree)
   _cached_vision_leaf.cache_clear()
   return cfg, fusion_cfg, params_io.count_params(tree)
+
+
+def save_llava(out, cfg, params: dict, *, tokenizer_dir=None, overwrite: bool = False) -> None:
+  """A LLaVA trained here -> a LLaVA params checkpoint (what convert-llava writes with no fusion config): `params`
+  {"text": Llama pure dict, "vision": LlavaVision pure dict}, and config.json / preprocessor_config.json
+  synthesized from `cfg` (hf_llava.llava_config_to_hf / processor_to_hf, saved layout) under CKPT/llava/, so
+  export_llava writes a HF folder that LlavaForConditionalGeneration loads."""
+  import json
+  if sorted(params) != ["text", "vision"]:
+    raise CheckpointError(f"save_llava: expected the parts ['text', 'vision'], got {sorted(params)}")
+  cfg = cfg.replace(hf_layout="saved")
+  files = {f"{llava_ckpt.LLAVA_DIR}/{hf_llava.CONFIG_FILE}": hf_llava.llava_config_to_hf(cfg),
+           f"{llava_ckpt.LLAVA_DIR}/{hf_llava.PREPROCESSOR_FILE}": hf_llava.processor_to_hf(cfg)}
+  files = {k: (json.dumps(v, indent=2, sort_keys=True) + "\n").encode() for k, v in files.items()}
+  with params_io.ParamsWriter(out, cfg.text, None, overwrite=overwrite, tokenizer_dir=tokenizer_dir,
+                              extra_config=llava_ckpt.entry(cfg.hf_layout, cfg.vision.param_dtype),
+                              extra_files=files) as w:
+    w.write(params)
 
 
 def _vision_box(ckpt, rule, shape, dtype, index) -> np.ndarray:
