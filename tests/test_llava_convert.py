@@ -154,7 +154,7 @@ def test_bad_inputs_are_named_and_leave_nothing(converted, tmp_path, capsys):
     read_llava_config(tmp_path / "cfg")
 
 
-@pytest.fixture(scope="module", params=["llava-clip", "next-clip"])
+@pytest.fixture(scope="module", params=["llava-clip", "llava-siglip", "next-clip", "next-siglip"])
 def with_tokenizer(request, tmp_path_factory):
   from llava_models import make_hf_llava_with_tokenizer
   work = tmp_path_factory.mktemp("llava_cli")
@@ -172,7 +172,7 @@ def hf_reference(variant, work, hf, tok, prompt):
   cls = transformers.LlavaNextProcessor if variant.startswith("next") else transformers.LlavaProcessor
   proc = cls(image_processor=image_processor, tokenizer=tok, patch_size=hf.config.vision_config.patch_size,
              vision_feature_select_strategy=hf.config.vision_feature_select_strategy, image_token="<image>",
-             num_additional_image_tokens=1)
+             num_additional_image_tokens=1 if variant.endswith("clip") else 0)      # CLIP's CLS; SigLIP has none
   inputs = proc(text=[prompt], images=[Image.open(work / "photo.png").convert("RGB")], return_tensors="pt")
   with torch.no_grad():
     out = hf.generate(**inputs, do_sample=False, max_new_tokens=32, min_new_tokens=32)
