@@ -10,7 +10,8 @@ LMFusion with the text frozen -> eval), with a four-level U-Net (32 -> 16 -> 8 -
   python benchmarks/ablations.py --config configs/demo_mnist.py:tok64 ...   # the first recipe: 64 tokens, 50/50
 
 Variants tried for the conditioning (BENCHMARKS.md, none reaches it): noskip (a U-Net whose upsampler reads only the
-transformer's tokens), split_t (generation examples at t >= 500), shift4 (the schedule's SNR / 16).
+transformer's tokens), split_t (generation examples at t >= 500), shift4 (the schedule's SNR / 16), px16
+(16x16 images).
 """
 from configs import demo_digits
 
