@@ -68,5 +68,6 @@ def get_config(arg: str = ""):
     c.eval.samples_per_class = 1
     c.eval.batch_size = 10
   elif arg:
-    raise ValueError(f"configs/demo_mnist.py: unknown variant {arg!r} (have '', 'tok64', 'noskip', 'split_t', 'shift4', 'px16' and 'ci')")
+    raise ValueError(f"configs/demo_mnist.py: unknown variant {arg!r} (have '', 'tok64', 'noskip', 'split_t', "
+                     f"'shift4', 'px16' and 'ci')")
   return c
