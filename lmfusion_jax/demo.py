@@ -168,9 +168,9 @@ def write_report(workdir, metrics: dict, timings: dict, paths: dict, cfg) -> str
   return str(write_text(workdir / "report.md", "\n".join(lines) + "\n"))
 
 
-def run_demo(cfg) -> dict:
-  from lmfusion_jax.evaluation.evaluate import evaluate, evaluate_text_nll
-  from lmfusion_jax.training.loop import train
+def start_run(cfg, what: str):
+  """A demo's set-up: absolute workdir (created), the run's sampling recorded for eval, the mesh, and the stage
+  timer: (workdir, mesh, timings {stage: seconds}, lap(stage) that closes a stage)."""
   from lmfusion_jax.checkpoints.files import absolute_path
   from lmfusion_jax.evaluation.setup import fill_sampling
   cfg.workdir = absolute_path(cfg.workdir)
@@ -178,14 +178,29 @@ def run_demo(cfg) -> dict:
   workdir = epath.Path(cfg.workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.mesh_from_config(cfg.mesh)
-  timings, t0 = {}, time.perf_counter()
+  timings, t0 = {}, [time.perf_counter()]
 
   def lap(name):
-    nonlocal t0
-    timings[name] = time.perf_counter() - t0
-    t0 = time.perf_counter()
+    timings[name] = time.perf_counter() - t0[0]
+    t0[0] = time.perf_counter()
 
-  log(f"workdir {workdir}; devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
+  log(f"{what} {workdir}; devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
+  return workdir, mesh, timings, lap
+
+
+def finish_run(workdir, metrics: dict, timings: dict, paths: dict, write_report_fn) -> dict:
+  """metrics.json, the report (`write_report_fn()` -> its path), the files logged; the demo's return value."""
+  write_json(workdir / "metrics.json", {"metrics": metrics, "timings_s": timings})
+  log(f"report: {write_report_fn()}")
+  for k, v in paths.items():
+    log(f"  {k}: {v}")
+  return {"metrics": metrics, "timings": timings, "paths": paths}
+
+
+def run_demo(cfg) -> dict:
+  from lmfusion_jax.evaluation.evaluate import evaluate, evaluate_text_nll
+  from lmfusion_jax.training.loop import train
+  workdir, mesh, timings, lap = start_run(cfg, "workdir")
   data_dir, tok_dir, tokenizer = prepare_data(cfg, workdir)
   cfg.data.data_dir, cfg.data.tokenizer_dir = data_dir, tok_dir
   lap("dataset + tokenizer")
@@ -214,9 +229,4 @@ def run_demo(cfg) -> dict:
            "base text LM (params checkpoint)": base_lm, "base text LM (Hugging Face)": str(workdir / "hf_base_lm"),
            "converted LMFusion init": converted, "training run": str(run_dir),
            "metrics": str(workdir / "metrics.json")}
-  write_json(workdir / "metrics.json", {"metrics": metrics, "timings_s": timings})
-  report = write_report(workdir, metrics, timings, paths, cfg)
-  log(f"report: {report}")
-  for k, v in paths.items():
-    log(f"  {k}: {v}")
-  return {"metrics": metrics, "timings": timings, "paths": paths}
+  return finish_run(workdir, metrics, timings, paths, lambda: write_report(workdir, metrics, timings, paths, cfg))

@@ -16,15 +16,12 @@ Every stage writes into the workdir and is skipped when its output already exist
 """
 from __future__ import annotations
 
-import time
-
-import jax
 import numpy as np
 from etils import epath
 
-from lmfusion_jax import demo, sharding
+from lmfusion_jax import demo
 from lmfusion_jax.checkpoints import params as params_io
-from lmfusion_jax.checkpoints.files import write_json, write_text
+from lmfusion_jax.checkpoints.files import write_text
 from lmfusion_jax.errors import UserError
 
 IMAGE_TOKEN = "<image>"
@@ -214,23 +211,10 @@ def write_report(workdir, metrics: dict, timings: dict, paths: dict, cfg) -> str
 
 
 def run_llava_demo(cfg) -> dict:
-  from lmfusion_jax.checkpoints.files import absolute_path
   from lmfusion_jax.evaluation.evaluate import evaluate, evaluate_text_nll
-  from lmfusion_jax.evaluation.setup import fill_sampling, read_records
+  from lmfusion_jax.evaluation.setup import read_records
   from lmfusion_jax.training.loop import train
-  cfg.workdir = absolute_path(cfg.workdir)
-  fill_sampling(cfg)
-  workdir = epath.Path(cfg.workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  mesh = sharding.mesh_from_config(cfg.mesh)
-  timings, t0 = {}, time.perf_counter()
-
-  def lap(name):
-    nonlocal t0
-    timings[name] = time.perf_counter() - t0
-    t0 = time.perf_counter()
-
-  log(f"LLaVAFusion demo, workdir {workdir}; devices: {jax.device_count()} x {jax.devices()[0].device_kind}")
+  workdir, mesh, timings, lap = demo.start_run(cfg, "LLaVAFusion demo, workdir")
   data_dir, text_tok_dir, _ = demo.prepare_data(cfg, workdir)
   tokenizer = image_tokenizer(text_tok_dir, workdir / "tokenizer_llava")
   cfg.data.data_dir, cfg.data.tokenizer_dir = data_dir, str(workdir / "tokenizer_llava")
@@ -268,9 +252,5 @@ def run_llava_demo(cfg) -> dict:
            "dataset": data_dir, "stand-in text LM": base_lm, "VLM (LLaVA params checkpoint)": vlm,
            "VLM (Hugging Face LLaVA)": hf_dir, "converted LLaVAFusion init": converted,
            "training run": str(run_dir), "metrics": str(workdir / "metrics.json")}
-  write_json(workdir / "metrics.json", {"metrics": metrics, "timings_s": timings})
-  report = write_report(workdir, metrics, timings, paths, cfg)
-  log(f"report: {report}")
-  for k, v in paths.items():
-    log(f"  {k}: {v}")
-  return {"metrics": metrics, "timings": timings, "paths": paths}
+  return demo.finish_run(workdir, metrics, timings, paths,
+                         lambda: write_report(workdir, metrics, timings, paths, cfg))

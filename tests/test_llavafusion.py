@@ -2,9 +2,7 @@
 The VLM's text and vision never change (no optimizer state for either; vision is not even loaded), the image branch
 trains, and the understanding path of the trained run (its text + its init_from's vision) gives the same logits and
 greedy tokens as the converted VLM, to the bit."""
-import json
 import os
-import shutil
 
 import jax
 import numpy as np
