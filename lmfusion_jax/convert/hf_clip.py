@@ -278,6 +278,16 @@ def to_ours(rule: Rule, a: np.ndarray, unit: Tuple[int, ...]) -> np.ndarray:
   return a.reshape(unit)
 
 
+def to_hf(rule: Rule, ours: np.ndarray) -> np.ndarray:
+  """The inverse of to_ours for one unit (per-layer) array; a packed in_proj part gives its third of the rows."""
+  unit = ours.shape
+  if rule.kind == "conv":
+    return np.ascontiguousarray(np.transpose(ours, (3, 2, 0, 1)))
+  if rule.kind == "linear":
+    return np.ascontiguousarray(ours.reshape(math.prod(unit[:rule.n_in]), -1).T)
+  return np.ascontiguousarray(ours.reshape(hf_shape(dataclasses.replace(rule, part=None), unit)))
+
+
 # --- tensor sources -----------------------------------------------------------------------------------------
 
 class TensorSource:

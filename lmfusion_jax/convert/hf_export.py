@@ -45,23 +45,45 @@ def iter_hf_tensors(cfg: LlamaConfig, get_leaf: Callable[[str], np.ndarray],
 ST_DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
-def plan_shards(cfg: LlamaConfig, dtype: str, max_shard_bytes: int) -> list:
-  """[[(HF name, shape), ...] per shard] in `iter_hf_tensors` order; a shard closes before it would
+def hf_entries(cfg: LlamaConfig, dtype: str) -> list:
+  """[(HF name, shape, dtype)] of the Llama's tensors in `iter_hf_tensors` order."""
+  return [(name, hf_shape(rule, cfg), dtype) for rule in text_rules(cfg) for name in hf_names(rule, cfg)]
+
+
+def plan_shards(entries: Sequence[Tuple[str, Tuple[int, ...], str]], max_shard_bytes: int) -> list:
+  """[[(HF name, shape, dtype), ...] per shard], in order; a shard holds one dtype and closes before it would
   exceed max_shard_bytes (a single larger tensor gets a shard of its own)."""
-  itemsize = NUMPY_DTYPES[dtype].itemsize
   shards, cur, cur_bytes = [], [], 0
-  for rule in text_rules(cfg):
-    shape = hf_shape(rule, cfg)
-    nbytes = math.prod(shape) * itemsize
-    for name in hf_names(rule, cfg):
-      if cur and cur_bytes + nbytes > max_shard_bytes:
-        shards.append(cur)
-        cur, cur_bytes = [], 0
-      cur.append((name, shape))
-      cur_bytes += nbytes
+  for entry in entries:
+    _, shape, dtype = entry
+    nbytes = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize
+    if cur and (cur_bytes + nbytes > max_shard_bytes or cur[-1][2] != dtype):
+      shards.append(cur)
+      cur, cur_bytes = [], 0
+    cur.append(entry)
+    cur_bytes += nbytes
   if cur:
     shards.append(cur)
   return shards
+
+
+def write_shards(folder, shards: list, tensors: Iterator[Tuple[str, np.ndarray]]) -> None:
+  """The safetensors files of `shards` (plan_shards) in `folder`, filled from `tensors` ((HF name, array) in plan
+  order, one in memory at a time), and the index when there are several."""
+  names = ([SINGLE_FILE] if len(shards) == 1 else
+           [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+  for fname, entries in zip(names, shards):
+    writer = SafetensorsStreamWriter(folder / fname, [(n, shape) for n, shape, _ in entries], entries[0][2])
+    for _ in entries:
+      writer.write(*next(tensors))
+    writer.close()
+  if next(tensors, None) is not None:
+    raise ConversionError("export: more tensors than planned")
+  if len(shards) > 1:
+    total = sum(math.prod(shape) * NUMPY_DTYPES[dt].itemsize for entries in shards for _, shape, dt in entries)
+    weight_map = {n: fname for fname, entries in zip(names, shards) for n, _, _ in entries}
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
 class SafetensorsStreamWriter:
@@ -103,25 +125,10 @@ def write_hf_checkpoint(out_dir, cfg: LlamaConfig, get_leaf: Callable[[str], np.
   out = epath.Path(out_dir)
   if out.exists() and not overwrite:
     raise ConversionError(f"{out}: already exists (pass overwrite=True / --overwrite to replace it)")
-  shards = plan_shards(cfg, dtype, max_shard_bytes)
-  names = ([SINGLE_FILE] if len(shards) == 1 else
-           [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+  shards = plan_shards(hf_entries(cfg, dtype), max_shard_bytes)
 
   def fill(tmp):
-    tensors = iter_hf_tensors(cfg, get_leaf, dtype)
-    for fname, entries in zip(names, shards):
-      writer = SafetensorsStreamWriter(tmp / fname, entries, dtype)
-      for _ in entries:
-        writer.write(*next(tensors))
-      writer.close()
-    if next(tensors, None) is not None:
-      raise ConversionError("export: more tensors than planned")
-    if len(shards) > 1:
-      itemsize = NUMPY_DTYPES[dtype].itemsize
-      total = sum(math.prod(shape) * itemsize for entries in shards for _, shape in entries)
-      weight_map = {n: fname for fname, entries in zip(names, shards) for n, _ in entries}
-      index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-      (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2))
+    write_shards(tmp, shards, iter_hf_tensors(cfg, get_leaf, dtype))
     (tmp / "config.json").write_text(json.dumps(hf_config_dict(cfg, dtype), indent=2))
     gen = {"bos_token_id": cfg.bos_id, "eos_token_id": cfg.eos_id, "do_sample": False}
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))

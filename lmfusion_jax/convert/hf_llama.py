@@ -279,7 +279,12 @@ def checkpoint_dtype(ckpt: HFCheckpoint, cfg: LlamaConfig, rules: Optional[Seque
   """The dtype of the checkpoint's weights; float32 if they are mixed (lossless for bf16/fp16). `rules`
   default to text_rules(cfg) (a LLaVA folder passes its renamed ones, convert/hf_llava.py)."""
   rules = text_rules(cfg) if rules is None else rules
-  dtypes = {ckpt.dtype(n) for rule in rules for n in hf_names(rule, cfg)}
+  return common_dtype(ckpt, [n for rule in rules for n in hf_names(rule, cfg)])
+
+
+def common_dtype(ckpt: HFCheckpoint, names) -> str:
+  """The dtype the tensors `names` share; float32 if they are mixed (lossless for bf16/fp16)."""
+  dtypes = {ckpt.dtype(n) for n in names}
   return dtypes.pop() if len(dtypes) == 1 else "float32"
 
 

@@ -37,13 +37,7 @@ def convert(hf_dir, out, *, dtype: Optional[str] = None,
   validate ids against the vocabulary) before anything is written. Stored chunks are `chunk_mib` MiB
   (0: one per array), or exactly `chunk_bytes` bytes when given. `progress_desc` given: the MiB written are
   reported (lmfusion_jax.progress) under that name."""
-  if isinstance(chunk_mib, bool) or not isinstance(chunk_mib, int) or chunk_mib < 0:
-    raise ConfigError(f"chunk_mib={chunk_mib!r} (--chunk-mib): expected an integer >= 0 (0 = one chunk per array)")
-  if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
-                                  or chunk_bytes < 1):
-    raise ConfigError(f"chunk_bytes={chunk_bytes!r}: expected an integer >= 1")
-  if dtype is not None and dtype not in hf_llama.NUMPY_DTYPES:
-    raise ConfigError(f"dtype={dtype!r} (--dtype): expected one of {sorted(hf_llama.NUMPY_DTYPES)}")
+  check_conversion_args(chunk_mib, dtype, chunk_bytes)
   ckpt = hf_llama.HFCheckpoint(hf_dir)
   cfg = hf_llama.read_config(hf_dir)
   hf_llama.validate(ckpt, cfg)
@@ -53,19 +47,10 @@ def convert(hf_dir, out, *, dtype: Optional[str] = None,
     fusion_cfg = fusion_cfg(cfg)
   if chunk_bytes is None:
     chunk_bytes = chunk_mib * 2**20 if chunk_mib > 0 else None
-  shapes = hf_llama.text_param_shapes(cfg)
-  text = {rule.ours: params_io.LazyArray(shapes[rule.ours], hf_llama.NUMPY_DTYPES[dtype],
-                                         functools.partial(ckpt.read_box, rule, cfg, dtype=dtype))
-          for rule in hf_llama.text_rules(cfg)}
-  tree = {"text": hf_llama.nest(text)}
+  rules = hf_llama.text_rules(cfg)
+  tree = {"text": lazy_text_tree(ckpt, cfg, rules, dtype)}
   if fusion_cfg is not None:
-    final_norm = ckpt.read_box(_rule("final_norm"), cfg, (slice(None),), dtype)
-    rms = hf_llama.embed_rms(ckpt, cfg, dtype)  # the image tokens' scale (see fusion.match_token_scale)
-    image = _image_rest(cfg, fusion_cfg, final_norm, rms, seed)
-    if fusion_cfg.image_init == "copy" and _image_layer_keys(fusion_cfg):
-      # the LMFusion init: exact copies of the text leaves, written from the same chunks
-      image["layers"] = {k: tree["text"]["layers"][k] for k in _image_layer_keys(fusion_cfg)}
-    tree["image"] = image
+    tree["image"] = image_tree(ckpt, cfg, fusion_cfg, tree["text"], rules, dtype, seed)
   tokenizer = hf_dir if params_io.has_tokenizer(hf_dir) else None   # travels with the checkpoint
   with params_io.ParamsWriter(out, cfg, fusion_cfg, overwrite=overwrite, chunk_bytes=chunk_bytes,
                               progress_desc=progress_desc, tokenizer_dir=tokenizer) as w:
@@ -73,8 +58,36 @@ def convert(hf_dir, out, *, dtype: Optional[str] = None,
   return cfg, fusion_cfg, params_io.count_params(tree)
 
 
-def _rule(ours: str):
-  return next(r for r in hf_llama.TEXT_RULES if r.ours == ours)
+def check_conversion_args(chunk_mib, dtype, chunk_bytes=None) -> None:
+  """The flags convert-llama and convert-llava share, checked before anything is read."""
+  if isinstance(chunk_mib, bool) or not isinstance(chunk_mib, int) or chunk_mib < 0:
+    raise ConfigError(f"chunk_mib={chunk_mib!r} (--chunk-mib): expected an integer >= 0 (0 = one chunk per array)")
+  if chunk_bytes is not None and (isinstance(chunk_bytes, bool) or not isinstance(chunk_bytes, int)
+                                  or chunk_bytes < 1):
+    raise ConfigError(f"chunk_bytes={chunk_bytes!r}: expected an integer >= 1")
+  if dtype is not None and dtype not in hf_llama.NUMPY_DTYPES:
+    raise ConfigError(f"dtype={dtype!r} (--dtype): expected one of {sorted(hf_llama.NUMPY_DTYPES)}")
+
+
+def lazy_text_tree(ckpt: hf_llama.HFCheckpoint, cfg: LlamaConfig, rules, dtype: str) -> dict:
+  """The `text` tree of LazyArrays, each filled chunk by chunk from the HF tensors of `rules`."""
+  shapes = hf_llama.text_param_shapes(cfg)
+  return hf_llama.nest({rule.ours: params_io.LazyArray(shapes[rule.ours], hf_llama.NUMPY_DTYPES[dtype],
+                                                       functools.partial(ckpt.read_box, rule, cfg, dtype=dtype))
+                        for rule in rules})
+
+
+def image_tree(ckpt: hf_llama.HFCheckpoint, cfg: LlamaConfig, fusion_cfg: FusionConfig, text: dict, rules,
+               dtype: str, seed: int) -> dict:
+  """The `image` branch: fresh in/out modules and final norm copy; with image_init="copy" the layers are the
+  text tree's own LazyArrays (exact copies, written from the same chunks)."""
+  by_ours = {rule.ours: rule for rule in rules}
+  final_norm = ckpt.read_box(by_ours["final_norm"], cfg, (slice(None),), dtype)
+  rms = hf_llama.embed_rms(ckpt, cfg, dtype, name=by_ours["embed"].hf)  # image tokens' scale (match_token_scale)
+  image = _image_rest(cfg, fusion_cfg, final_norm, rms, seed)
+  if fusion_cfg.image_init == "copy" and _image_layer_keys(fusion_cfg):
+    image["layers"] = {k: text["layers"][k] for k in _image_layer_keys(fusion_cfg)}
+  return image
 
 
 def _image_layer_keys(fusion_cfg):

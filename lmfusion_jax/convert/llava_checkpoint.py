@@ -19,9 +19,7 @@ nothing is left at `out`.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 from typing import Callable, Optional, Union
 
 import numpy as np
@@ -30,21 +28,8 @@ from etils import epath
 from lmfusion_jax.checkpoints import llava as llava_ckpt
 from lmfusion_jax.checkpoints import params as params_io
 from lmfusion_jax.checkpoints.files import CheckpointError
-from lmfusion_jax.convert import hf_clip, hf_export, hf_llama, hf_llava
-from lmfusion_jax.convert.llama_checkpoint import _image_layer_keys, _image_rest
-from lmfusion_jax.models.config import ConfigError, FusionConfig, LlamaConfig
-
-
-def _vision_shapes(cfg) -> dict:
-  """Our "/"-path -> shape of every LlavaVision leaf."""
-  flat = params_io._flat(llava_ckpt.vision_abstract(cfg))
-  return {k: tuple(v.shape) for k, v in flat.items()}
-
-
-def _vision_dtype(ckpt: hf_llama.HFCheckpoint, rules) -> str:
-  """The vision tensors' dtype; float32 when they are mixed (lossless for bf16 / fp16)."""
-  dtypes = {ckpt.dtype(n) for r in rules for n in r.hf_names("")}
-  return dtypes.pop() if len(dtypes) == 1 else "float32"
+from lmfusion_jax.convert import hf_clip, hf_export, hf_llama, hf_llava, llama_checkpoint
+from lmfusion_jax.models.config import FusionConfig, LlamaConfig
 
 
 def _read_vision_leaf(ckpt: hf_llama.HFCheckpoint, rule: hf_clip.Rule, shape, dtype: str) -> np.ndarray:
@@ -62,37 +47,25 @@ def convert_llava(hf_dir, out, *, dtype: Optional[str] = None,
 
   `dtype` applies to the text (and image) part, default the folder's; the vision part keeps the folder's dtype.
   `fusion_cfg` None writes text + vision only (the VLM, e.g. to export it again)."""
-  if isinstance(chunk_mib, bool) or not isinstance(chunk_mib, int) or chunk_mib < 0:
-    raise ConfigError(f"chunk_mib={chunk_mib!r} (--chunk-mib): expected an integer >= 0 (0 = one chunk per array)")
-  if dtype is not None and dtype not in hf_llama.NUMPY_DTYPES:
-    raise ConfigError(f"dtype={dtype!r} (--dtype): expected one of {sorted(hf_llama.NUMPY_DTYPES)}")
+  llama_checkpoint.check_conversion_args(chunk_mib, dtype)
   ckpt = hf_llama.HFCheckpoint(hf_dir)
   cfg = hf_llava.read_llava_config(hf_dir, hf_llava.detect_layout(ckpt.names(), str(ckpt.dir)))
   hf_llava.validate(ckpt, cfg)
   t_rules, v_rules = hf_llava.text_rules(cfg), hf_llava.vision_rules(cfg)
   dtype = dtype or hf_llama.checkpoint_dtype(ckpt, cfg.text, t_rules)
-  vdtype = _vision_dtype(ckpt, v_rules)
+  vdtype = hf_llama.common_dtype(ckpt, [n for r in v_rules for n in r.hf_names("")])
   tcfg = cfg.text.replace(param_dtype=dtype, dtype=dtype)
   cfg = cfg.replace(text=tcfg, vision=cfg.vision.replace(param_dtype=vdtype))
   if callable(fusion_cfg):
     fusion_cfg = fusion_cfg(tcfg)
-  shapes = hf_llama.text_param_shapes(tcfg)
-  text = {r.ours: params_io.LazyArray(shapes[r.ours], hf_llama.NUMPY_DTYPES[dtype],
-                                      functools.partial(ckpt.read_box, r, tcfg, dtype=dtype)) for r in t_rules}
-  tree = {"text": hf_llama.nest(text)}
-  v_shapes = _vision_shapes(cfg)
+  tree = {"text": llama_checkpoint.lazy_text_tree(ckpt, tcfg, t_rules, dtype)}
+  v_shapes = hf_llava.vision_param_shapes(cfg)
   vision = {r.ours: params_io.LazyArray(v_shapes[r.ours], hf_llama.NUMPY_DTYPES[vdtype],
                                         functools.partial(_vision_box, ckpt, r, v_shapes[r.ours], vdtype))
             for r in v_rules}
   tree["vision"] = hf_llama.nest(vision)
   if fusion_cfg is not None:
-    by_ours = {r.ours: r for r in t_rules}
-    final_norm = ckpt.read_box(by_ours["final_norm"], tcfg, (slice(None),), dtype)
-    rms = hf_llama.embed_rms(ckpt, tcfg, dtype, name=by_ours["embed"].hf)
-    image = _image_rest(tcfg, fusion_cfg, final_norm, rms, seed)
-    if fusion_cfg.image_init == "copy" and _image_layer_keys(fusion_cfg):
-      image["layers"] = {k: tree["text"]["layers"][k] for k in _image_layer_keys(fusion_cfg)}
-    tree["image"] = image
+    tree["image"] = llama_checkpoint.image_tree(ckpt, tcfg, fusion_cfg, tree["text"], t_rules, dtype, seed)
   tokenizer = hf_dir if params_io.has_tokenizer(hf_dir) else None
   with params_io.ParamsWriter(out, tcfg, fusion_cfg, overwrite=overwrite,
                               chunk_bytes=chunk_mib * 2**20 if chunk_mib > 0 else None,
@@ -132,17 +105,6 @@ def _cached_vision_leaf(ckpt, rule, shape, dtype) -> np.ndarray:
   return _read_vision_leaf(ckpt, rule, shape, dtype)
 
 
-def to_hf(rule: hf_clip.Rule, ours: np.ndarray) -> np.ndarray:
-  """The inverse of hf_clip.to_ours for one unit (per-layer) array; a packed in_proj part gives its third."""
-  unit = ours.shape
-  if rule.kind == "conv":
-    return np.ascontiguousarray(np.transpose(ours, (3, 2, 0, 1)))
-  if rule.kind == "linear":
-    return np.ascontiguousarray(ours.reshape(math.prod(unit[:rule.n_in]), -1).T)
-  shape = hf_clip.hf_shape(dataclasses.replace(rule, part=None), unit)
-  return np.ascontiguousarray(ours.reshape(shape))
-
-
 def export_llava(checkpoint, out, *, overwrite: bool = False, max_shard_bytes: int = 5 * 10**9):
   """A LLaVA params checkpoint (convert-llava's) -> a HF folder that LlavaForConditionalGeneration /
   LlavaNextForConditionalGeneration load: the text and vision tensors under the names they were read from,
@@ -165,7 +127,7 @@ def export_llava(checkpoint, out, *, overwrite: bool = False, max_shard_bytes: i
     shape = hf_llama.hf_shape(rule, cfg.text)
     for i, name in enumerate(hf_llama.hf_names(rule, cfg.text)):
       entries.append((name, functools.partial(_text_tensor, path, rule, cfg.text, i), shape, tdtype))
-  v_shapes = _vision_shapes(cfg)
+  v_shapes = hf_llava.vision_param_shapes(cfg)
   packed: dict = {}   # a packed in_proj (SigLIP's head): one HF tensor from three of our leaves (q, k, v)
   for rule in hf_llava.vision_rules(cfg):
     unit = v_shapes[rule.ours][1:] if rule.per_layer else v_shapes[rule.ours]
@@ -192,7 +154,7 @@ def _text_tensor(path, rule, cfg, i) -> np.ndarray:
 
 def _vision_tensor(path, rule, i) -> np.ndarray:
   leaf = _leaf(str(path), f"vision/{rule.ours}")
-  return to_hf(rule, leaf[i] if rule.per_layer else leaf)
+  return hf_clip.to_hf(rule, leaf[i] if rule.per_layer else leaf)
 
 
 def _packed_tensor(path, parts) -> np.ndarray:
@@ -200,34 +162,19 @@ def _packed_tensor(path, parts) -> np.ndarray:
 
 
 def _write_folder(out: epath.Path, entries, hf_files: dict, ckpt_path, overwrite: bool, max_shard_bytes: int):
-  """Safetensors shards (+ index) in `entries` order, one tensor in memory at a time, and the kept files. A shard
-  holds one dtype (text and vision may differ) and closes before it would exceed max_shard_bytes."""
-  import json
-  shards, size = [[]], 0
-  for e in entries:
-    nbytes = math.prod(e[2]) * np.dtype(hf_llama.NUMPY_DTYPES[e[3]]).itemsize
-    if shards[-1] and (size + nbytes > max_shard_bytes or shards[-1][-1][3] != e[3]):
-      shards.append([])
-      size = 0
-    shards[-1].append(e)
-    size += nbytes
-  names = ([hf_export.SINGLE_FILE] if len(shards) == 1 else
-           [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+  """Safetensors shards (+ index) in `entries` order (hf_export.plan_shards / write_shards: one tensor in memory at a
+  time, a shard per dtype run), the kept HF files and the tokenizer."""
+  shards = hf_export.plan_shards([(name, tuple(shape), dt) for name, _, shape, dt in entries], max_shard_bytes)
+
+  def tensors():
+    for name, get, shape, dt in entries:
+      arr = np.asarray(get()).astype(hf_llama.NUMPY_DTYPES[dt], copy=False)
+      if tuple(arr.shape) != tuple(shape):
+        raise CheckpointError(f"{ckpt_path}: tensor {name} comes out {list(arr.shape)}, expected {list(shape)}")
+      yield name, arr
 
   def fill(tmp):
-    for fname, group in zip(names, shards):
-      writer = hf_export.SafetensorsStreamWriter(tmp / fname, [(e[0], tuple(e[2])) for e in group], group[0][3])
-      for name, get, shape, dt in group:
-        arr = np.asarray(get()).astype(hf_llama.NUMPY_DTYPES[dt], copy=False)
-        if tuple(arr.shape) != tuple(shape):
-          raise CheckpointError(f"{ckpt_path}: tensor {name} comes out {list(arr.shape)}, expected {list(shape)}")
-        writer.write(name, arr)
-      writer.close()
-    if len(shards) > 1:
-      weight_map = {e[0]: fname for fname, group in zip(names, shards) for e in group}
-      total = sum(math.prod(e[2]) * np.dtype(hf_llama.NUMPY_DTYPES[e[3]]).itemsize for e in entries)
-      (tmp / hf_export.INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total},
-                                                           "weight_map": dict(sorted(weight_map.items()))}, indent=2))
+    hf_export.write_shards(tmp, shards, tensors())
     for name, data in hf_files.items():
       (tmp / name).write_bytes(data)
     tok = epath.Path(ckpt_path) / params_io.TOKENIZER_DIR
@@ -239,4 +186,3 @@ def _write_folder(out: epath.Path, entries, hf_files: dict, ckpt_path, overwrite
     return hf_export.write_dir(out, fill, overwrite)
   finally:
     _leaf.cache_clear()
-
