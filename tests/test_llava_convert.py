@@ -193,6 +193,16 @@ def test_generate_and_caption_cli_equal_hf_pipeline(with_tokenizer, capsys):
                  "--max-new-tokens", "8", "--json") == 0
   cap = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert cap["tokens"] == want[:len(cap["tokens"])] and cap["image"] == "photo.png"
+  # several images are captioned as one batch: each as it is alone (another size: another NeXT grid)
+  from PIL import Image
+  Image.fromarray(real_looking_uint8(3, 44, 17)).save(work / "tall.png")
+  assert run_cli(work, "caption", "--checkpoint", "ck", "--image", "tall.png", "--prompt", prompt,
+                 "--max-new-tokens", "8", "--json") == 0
+  alone = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert run_cli(work, "caption", "--checkpoint", "ck", "--image", "photo.png", "--image", "tall.png", "--prompt",
+                 prompt, "--max-new-tokens", "8", "--json") == 0
+  both = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()[-2:]]
+  assert [b["tokens"] for b in both] == [cap["tokens"], alone["tokens"]]
   # a prompt without <image> is refused with both counts
   assert run_cli(work, "generate", "--checkpoint", "ck", "--image", "photo.png", "--prompt", "no image here") != 0
   assert "0 image token(s)" in capsys.readouterr().err

@@ -69,8 +69,8 @@ def _run_llava(args, tokenizer) -> int:
   tokenizer = tokenizer or llava_answer.load_tokenizer_for(args.checkpoint)
   llava = llava_generate.load_llava(args.checkpoint)
   prompt = args.prompt if args.prompt is not None else llava_answer.DEFAULT_CAPTION_PROMPT
-  for f in args.image:
-    a = llava_answer.answer(llava, tokenizer, [f], [prompt], args.max_new_tokens)[0]
+  answers = llava_answer.answer(llava, tokenizer, args.image, [prompt] * len(args.image), args.max_new_tokens)
+  for f, a in zip(args.image, answers):     # one left-padded batch, as the LMFusion path captions
     text = a.text.strip()
     print(json.dumps({"image": f, "caption": text, "tokens": a.tokens}) if args.json else f"{f}: {text}")
   return 0
