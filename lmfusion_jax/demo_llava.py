@@ -40,7 +40,8 @@ def image_tokenizer(tok_dir: str, out: epath.Path):
 
 def digit_images(latents: np.ndarray) -> np.ndarray:
   """Digit latents float [n, S, S, 1] in [-1, 1] -> grey uint8 images [n, S, S] (0..255)."""
-  return np.clip(np.round((np.asarray(latents)[..., 0] + 1.0) * 127.5), 0, 255).astype(np.uint8)
+  from lmfusion_jax.inference.image_files import float_to_uint8
+  return float_to_uint8(np.asarray(latents))[..., 0]
 
 
 def llava_config(cfg, text_cfg, image_token: int):

@@ -27,7 +27,7 @@ from lmfusion_jax.errors import UserError
 from lmfusion_jax.models.config import LlamaConfig
 from lmfusion_jax.models.llama import Llama
 from lmfusion_jax.models.llava import LlavaConfig, LlavaVision, place_image_features
-from lmfusion_jax.training import losses
+from lmfusion_jax.training import losses, text_pretrain
 
 PARTS = ("text", "vision")
 
@@ -98,7 +98,7 @@ def text_loss(text: Llama, batch: dict) -> jax.Array:
   return losses.lm_loss(logits, batch["targets"], batch["loss_mask"])[0]
 
 
-def make_step(templates: dict, tx, parts: tuple, image_token: int, text_weight: float):
+def make_step(templates: dict, tx, image_token: int, text_weight: float):
   """step(trained, frozen, opt, batch, text_batch) -> (trained, opt, (caption loss, text loss)): gradients of the
   parts in `trained` only. text_batch is used when text_weight > 0 (pass None otherwise; text loss 0)."""
 
@@ -111,16 +111,11 @@ def make_step(templates: dict, tx, parts: tuple, image_token: int, text_weight: 
 
   @jax.jit
   def step(trained, frozen, opt, batch, text_batch):
-    (_, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained, frozen, batch, text_batch)
+    (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(trained, frozen, batch, text_batch)
     updates, opt = tx.update(grads, opt, trained)
-    return optax.apply_updates(trained, updates), opt, parts
+    return optax.apply_updates(trained, updates), opt, aux
 
   return step
-
-
-def _optimizer(stage: Stage):
-  sched = optax.warmup_cosine_decay_schedule(0.0, stage.lr, max(1, stage.steps // 20), stage.steps, stage.lr * 0.1)
-  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=0.0))
 
 
 def check_stages(stages: Sequence[Stage]) -> None:
@@ -147,11 +142,11 @@ def pretrain(cfg: LlavaConfig, params: dict, tiles: np.ndarray, rows: dict, stag
     if stage.steps == 0:
       continue
     weight = float(text_weight) if "text" in stage.parts and text_rows is not None else 0.0
-    tx = _optimizer(stage)
+    tx = text_pretrain.pretrain_optimizer(stage.steps, stage.lr)
     trained = {p: params[p] for p in stage.parts}
     frozen = {p: v for p, v in params.items() if p not in stage.parts}
     opt = jax.jit(tx.init)(trained)
-    step = make_step(templates, tx, tuple(sorted(stage.parts)), cfg.image_token_index, weight)
+    step = make_step(templates, tx, cfg.image_token_index, weight)
     for i in range(stage.steps):
       idx = rng.integers(0, len(tiles), batch_size)
       batch = {"tiles": tiles[idx], **{name: v[idx] for name, v in rows.items()}}

@@ -33,6 +33,13 @@ def encode_documents(tokenizer, texts: Sequence[str], bos: int, eos: int) -> lis
   return [[bos] + list(tokenizer(t, add_special_tokens=False)["input_ids"]) + [eos] for t in texts]
 
 
+def pretrain_optimizer(steps: int, lr: float):
+  """AdamW (b2 0.95, no weight decay) with clipping at 1, 5% warmup and cosine decay to lr / 10: the demos'
+  pretraining stages (this text LM, the LLaVA demo's VLM)."""
+  sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps, lr * 0.1)
+  return optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=0.0))
+
+
 def pretrain(lcfg: LlamaConfig, rows: dict, *, steps: int, batch_size: int, lr: float, seed: int,
              mesh: Mesh, log_every: int = 100, log=print) -> dict:
   """Trains a fresh Llama on packed rows; returns its params (pure dict, sharded on `mesh`)."""
@@ -41,8 +48,7 @@ def pretrain(lcfg: LlamaConfig, rows: dict, *, steps: int, batch_size: int, lr: 
   params = nnx.to_pure_dict(state)
   shard = sharding.state_shardings(state, mesh)
   params = jax.device_put(params, shard)
-  sched = optax.warmup_cosine_decay_schedule(0.0, lr, max(1, steps // 20), steps, lr * 0.1)
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, b1=0.9, b2=0.95, weight_decay=0.0))
+  tx = pretrain_optimizer(steps, lr)
   opt = jax.jit(tx.init)(params)
 
   def loss_fn(p, batch):
