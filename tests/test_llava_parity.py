@@ -84,6 +84,14 @@ def test_preprocessing_matches_hf(case):
     assert ours.tiles.shape == theirs.transpose(0, 2, 3, 1).shape
     assert max_diff(ours.tiles, theirs.transpose(0, 2, 3, 1)) <= 1e-5, image.shape
     assert ours.image_hw == image.shape[:2]
+  # a half-transparent RGBA image: HF composites it onto white before anything else, so do we
+  from PIL import Image
+  rgb = _images(1, seed=9)[0]
+  alpha = np.linspace(0, 255, rgb.shape[1]).astype(np.uint8)[None, :].repeat(rgb.shape[0], 0)
+  rgba = Image.fromarray(np.dstack([rgb, alpha]), "RGBA")
+  theirs = proc(images=rgba, return_tensors="np")["pixel_values"]
+  theirs = (theirs[0] if llava.cfg.is_next else theirs).transpose(0, 2, 3, 1)
+  assert max_diff(pre.preprocess(llava.cfg, rgba).tiles, theirs) <= 1e-5
 
 
 @pytest.mark.parametrize("case", ["llava-clip"], indirect=True)

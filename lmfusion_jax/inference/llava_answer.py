@@ -37,14 +37,15 @@ def load_tokenizer_for(checkpoint, override=None):
 
 
 def read_image(path):
-  """An image file -> uint8 [H, W, 3] (UserError naming the file when it cannot be read)."""
-  import numpy as np
-  from PIL import Image, UnidentifiedImageError
+  """An image file -> its PIL image, loaded (UserError naming the file when it cannot be read); preprocess turns
+  it into RGB as HF's processors do."""
+  from PIL import Image
   try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert("RGB"))
-  except (OSError, UnidentifiedImageError) as e:
-    raise UserError(f"--image {path}: cannot read the image ({e})") from e
+    img = Image.open(path)
+    img.load()
+  except Exception as e:  # PIL raises several types for unreadable files
+    raise UserError(f"--image {path}: cannot read the image ({type(e).__name__}: {e})") from e
+  return img
 
 
 def answer(llava, tokenizer, image_files: Sequence[str], prompts: Sequence[str], max_new_tokens: int, *,

@@ -25,6 +25,7 @@ from PIL import Image
 
 from lmfusion_jax.errors import UserError
 from lmfusion_jax.evaluation.metrics.clip_score import preprocess_image
+from lmfusion_jax.inference.image_files import to_8bit
 from lmfusion_jax.models.llava import LlavaConfig, num_image_tokens, select_best_resolution
 
 
@@ -36,13 +37,14 @@ class PixelInputs(NamedTuple):
 
 
 def as_rgb_uint8(image) -> np.ndarray:
-  """A PIL image or an array -> uint8 [H, W, 3] (HF's do_convert_rgb: grey / RGBA images become RGB)."""
-  if isinstance(image, Image.Image):
-    return np.asarray(image.convert("RGB"))
-  a = np.asarray(image)
-  if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (1, 3, 4)):
-    raise UserError(f"llava: images must be uint8 [height, width(, 1|3|4)], got {a.dtype}{list(a.shape)}")
-  return np.asarray(Image.fromarray(a.squeeze(-1) if a.ndim == 3 and a.shape[-1] == 1 else a).convert("RGB"))
+  """A PIL image or an array -> uint8 [H, W, 3] (HF's do_convert_rgb: grey images become RGB, transparency is
+  composited onto white: image_files.to_8bit, the one place files become pixels)."""
+  if not isinstance(image, Image.Image):
+    a = np.asarray(image)
+    if a.dtype != np.uint8 or a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (1, 3, 4)):
+      raise UserError(f"llava: images must be uint8 [height, width(, 1|3|4)], got {a.dtype}{list(a.shape)}")
+    image = Image.fromarray(a.squeeze(-1) if a.ndim == 3 and a.shape[-1] == 1 else a)
+  return np.asarray(to_8bit(image, "RGB"))
 
 
 def pad_to_square(image: np.ndarray, mean) -> np.ndarray:
