@@ -5,11 +5,12 @@
                                  [--lm-size small|large]
   python benchmarks/ablations.py --config configs/demo_mnist.py --lm-size large \
       --variants lmfusion,random_init,transfusion      # -> /tmp/lmfusion-ablations-demo_mnist-large
+  python benchmarks/ablations.py --config configs/demo_mnist.py:px8 ...   # -> /tmp/lmfusion-ablations-demo_mnist_px8-small
 
 --lm-size: the stand-in text LM (and so the image modules copied from it): `small` is the config's (the
 demos': 2 layers, 64 wide); `large` is 4x deeper and 4x wider (8 layers, 256 wide, 16 heads of 16, FFN
 1024), pretrained with the same recipe at text_lr 1e-3. Without --workdir, runs other than the default
-(digits config, small LM) go to their own folder, /tmp/lmfusion-ablations-<config>-<size>.
+(digits config, small LM) go to their own folder, /tmp/lmfusion-ablations-<config>[_<arg>]-<size>.
 
 Every variant starts from the same pretrained tiny text LM (the demo's: same data, tokenizer and LM
 recipe, pretrained once with seed 0) and trains on the config's image-caption data with the same number of
@@ -259,7 +260,7 @@ def markdown(s: dict, results: dict, args, setup_s: float, total_s: float) -> st
 def main():
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("--workdir", default="", help="default /tmp/lmfusion-ablations (digits config, small LM), "
-                                                  "else /tmp/lmfusion-ablations-<config>-<lm size>")
+                                                  "else /tmp/lmfusion-ablations-<config>[_<arg>]-<lm size>")
   ap.add_argument("--lm-size", choices=tuple(LM_SIZES), default="small",
                   help="stand-in text LM: small (the config's) or large (4x deeper and wider)")
   ap.add_argument("--config", default=str(ROOT / "configs" / "demo_digits.py"))
@@ -285,7 +286,8 @@ def main():
     cfg[section][field] = value
   args.cfg = cfg
   if not args.workdir:
-    stem = pathlib.Path(args.config).stem
+    path, _, variant = args.config.partition(":")
+    stem = pathlib.Path(path).stem + (f"_{variant}" if variant else "")
     plain = stem == "demo_digits" and args.lm_size == "small"
     args.workdir = "/tmp/lmfusion-ablations" + ("" if plain else f"-{stem}-{args.lm_size}")
   cfg.eval.num_examples = args.eval_examples

@@ -245,6 +245,7 @@ def test_validate_run_config(key, value):
                                   "configs/demo_mnist.py:ci", "configs/demo_mnist.py:tok64",
                                   "configs/demo_mnist.py:noskip", "configs/demo_mnist.py:split_t",
                                   "configs/demo_mnist.py:shift4", "configs/demo_mnist.py:px16",
+                                  "configs/demo_mnist.py:px8",
                                   "configs/demo_llava_digits.py", "configs/demo_llava_digits.py:ci"])
 def test_shipped_configs_validate(spec):
   from lmfusion_jax.run_config import load_config, model_configs, validate_run_config

@@ -63,13 +63,14 @@ def test_mnist_unpadded_size_and_bad_inputs(tmp_path, raw):
   pixels, _ = raw
   x = tfds_mnist.to_latent(pixels[0].reshape(28, 28), 28)
   assert x.shape == (28, 28, 1) and x.dtype == np.float32
-  # 16 px: the 32 px latent area-averaged by 2 (the classifier's independent area resize)
+  # 16 / 8 px: the 32 px latent area-averaged by 2 / 4 (the classifier's independent area resize)
   from lmfusion_jax.evaluation.metrics.digit_classifier import resize_area
   for i in range(5):
-    small = tfds_mnist.to_latent(pixels[i].reshape(28, 28), 16)
     big = tfds_mnist.to_latent(pixels[i].reshape(28, 28), 32)
-    assert small.shape == (16, 16, 1)
-    np.testing.assert_allclose(small[..., 0], resize_area(big[None, ..., 0], (16, 16))[0], atol=1e-6)
+    for side in (16, 8):
+      small = tfds_mnist.to_latent(pixels[i].reshape(28, 28), side)
+      assert small.shape == (side, side, 1)
+      np.testing.assert_allclose(small[..., 0], resize_area(big[None, ..., 0], (side, side))[0], atol=1e-6)
   with pytest.raises(UserError, match="image_size"):
     build_dataset("mnist", str(tmp_path), image_size=30)
   bad = tmp_path / "bad.csv.gz"

