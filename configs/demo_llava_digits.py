@@ -16,6 +16,8 @@ def get_config(arg: str = ""):
   if arg not in ("", "ci"):
     raise ConfigError(f"configs/demo_llava_digits.py: unknown variant {arg!r} (have '', 'ci')")
   c = demo_digits.get_config(arg)
+  if not arg:
+    c.total_steps = 3000              # the LLaVAFusion figures (BENCHMARKS.md) were measured at 3000 steps
   # The VLM (lmfusion_jax/demo_llava.py): a CLIP ViT on the 8x8 digits (patch 2: 16 image tokens, CLS dropped),
   # fed as grey uint8 images through a CLIPImageProcessor with mean = std = 0.5.
   c.demo.llava = dict(
